@@ -1,0 +1,1 @@
+"""fct-registry: forward compatible training and embedding-model upgrades without backfill."""

@@ -1,0 +1,56 @@
+"""Stage evaluate: the compatibility table over the test split (query = gallery, own item excluded).
+
+Queries are embedded by each backbone through ONNX Runtime; old galleries come from the stored v1 embedding
+set, upgraded galleries are h applied to its stored vectors only.
+"""
+
+import json
+from pathlib import Path
+
+from fct_registry.compatibility import mean_std, summary
+from fct_registry.config import load_params
+from fct_registry.data import load_prepared
+from fct_registry.embedding_set import EmbeddingSet
+from fct_registry.evaluation import compatibility_table, plot_cases, retrieval_metrics
+from fct_registry.gallery import embed_images, transform
+from fct_registry.runtime import OnnxModel
+
+params = load_params()
+test = load_prepared(Path("data/prepared"), "test")
+gallery = EmbeddingSet.open("embeddings/gallery_v1").read()
+q = {name: embed_images(OnnxModel(f"models/{name}/model.onnx"), test.images) for name in ("old", "new", "bct", "v3")}
+H = Path("models/transformations")
+
+
+def score(queries, gallery_vectors):
+    return retrieval_metrics(queries, test.labels, gallery_vectors, gallery.labels, params.evaluation.metric,
+                             query_ids=test.item_ids, gallery_ids=gallery.ids, top_k=params.evaluation.top_k,
+                             batch_size=params.evaluation.batch_size)
+
+
+def upgrade(*hops):
+    vectors = gallery.embeddings
+    for label, seed in hops:
+        vectors = transform(OnnxModel(H / label / f"seed{seed}" / "model.onnx"), vectors, gallery.side_info)
+    return vectors
+
+
+v1, v2, v3, s0 = params.old.version, params.new.version, params.v3.version, params.transformation.seeds[0]
+cases = {"old_vs_old": score(q["old"], gallery.embeddings), "new_vs_new": score(q["new"], q["new"])}
+if q["new"].shape[1] == gallery.embeddings.shape[1]:
+    cases["new_vs_old"] = score(q["new"], gallery.embeddings)
+cases |= {"bct_vs_old": score(q["bct"], gallery.embeddings), "bct_vs_bct": score(q["bct"], q["bct"])}
+for case, label in (("new_vs_upgraded_noside", f"h-{v1}-{v2}-noside"), ("new_vs_upgraded", f"h-{v1}-{v2}")):
+    cases[case] = mean_std([score(q["new"], upgrade((label, s))) for s in params.transformation.seeds])
+cases |= {"v3_vs_v3": score(q["v3"], q["v3"]),
+          "v3_vs_upgraded_chain": score(q["v3"], upgrade((f"h-{v1}-{v2}", s0), (f"h-{v2}-{v3}", s0))),
+          "v3_vs_upgraded_direct": score(q["v3"], upgrade((f"h-{v1}-{v3}", s0)))}
+result = {"protocol": params.protocol.name, "metric": params.evaluation.metric, "cases": cases, "summary": summary(cases)}
+Path("metrics").mkdir(exist_ok=True)
+Path("metrics/retrieval.json").write_text(json.dumps(result, indent=2) + "\n")
+Path("reports").mkdir(exist_ok=True)
+table = compatibility_table(cases)
+Path("reports/retrieval.md").write_text(table)
+plot_cases({k: {m: v[m] for m in ("cmc_top1", "cmc_top5", "map")} for k, v in cases.items()}, "reports/retrieval.png")
+print(table)
+print(json.dumps(result["summary"], indent=2))

@@ -1,0 +1,32 @@
+"""Stage train_bct: the BCT baseline (Shen et al., CVPR 2020): CE + lambda * influence loss of the frozen old head."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fct_registry.config import load_params
+from fct_registry.data import FASHION_MNIST_COARSE, load_prepared, old_task
+from fct_registry.model_files import write_model_dir
+from fct_registry.models.backbone import Classifier
+from fct_registry.models.checkpoint import load_checkpoint
+from fct_registry.training import synthesise_classifier, train_backbone
+
+params = load_params()
+torch.set_num_threads(params.threads)
+train = load_prepared(Path("data/prepared"), "train")
+n_classes = int(train.labels.max()) + 1
+_, n_old = old_task(train, params.protocol.name, params.protocol.old_classes)
+old = Classifier(load_checkpoint("models/old/model.pt"), n_old)
+old.head.load_state_dict(torch.load("models/old/head.pt", weights_only=True))
+if params.protocol.name == "class_subset":
+    head, label_map = synthesise_classifier(old, train, params.protocol.old_classes, n_classes), np.arange(n_classes)
+else:
+    head, label_map = old.head.requires_grad_(False), np.asarray(FASHION_MNIST_COARSE, dtype=np.int64)
+model, metrics = train_backbone(train, n_classes, params.bct.backbone, params.seed,
+                                influence=(head, label_map, params.bct.influence_weight))
+write_model_dir(model.backbone, Path("models/bct"), "backbone", params.bct.backbone.version, metrics,
+                train.images.shape[1:])
+Path("metrics").mkdir(exist_ok=True)
+Path("metrics/train_bct.json").write_text(json.dumps(metrics, indent=2) + "\n")

@@ -1,0 +1,22 @@
+"""Stage train_old: the old backbone (v1) on the old task (class subset or coarse labels), and its head."""
+
+import json
+from pathlib import Path
+
+import torch
+
+from fct_registry.config import load_params
+from fct_registry.data import load_prepared, old_task
+from fct_registry.model_files import write_model_dir
+from fct_registry.training import train_backbone
+
+params = load_params()
+torch.set_num_threads(params.threads)
+train = load_prepared(Path("data/prepared"), "train")
+task, n_classes = old_task(train, params.protocol.name, params.protocol.old_classes)
+model, metrics = train_backbone(task, n_classes, params.old, params.seed)
+out = Path("models/old")
+write_model_dir(model.backbone, out, "backbone", params.old.version, metrics, train.images.shape[1:])
+torch.save(model.head.state_dict(), out / "head.pt")
+Path("metrics").mkdir(exist_ok=True)
+Path("metrics/train_old.json").write_text(json.dumps(metrics, indent=2) + "\n")

@@ -1,0 +1,39 @@
+"""Stage train_transformations: forward transformations h on the new training set (FCT, Sec. 3).
+
+Trains h(v1, side-info) -> v2 and the ablation h(v1) -> v2 for every seed, then h(v2, side-info) -> v3 and
+the direct h(v1, side-info) -> v3 with the first seed. Each is exported to ONNX and parity-checked.
+"""
+
+from pathlib import Path
+
+import torch
+
+from fct_registry.config import load_params
+from fct_registry.data import load_prepared
+from fct_registry.model_files import read_model_card, write_model_dir
+from fct_registry.models.checkpoint import load_checkpoint
+from fct_registry.training import augmented_features, cached_features, embed, train_transformation
+
+params = load_params()
+torch.set_num_threads(params.threads)
+train = load_prepared(Path("data/prepared"), "train")
+names = ("old", "side_info", "new", "v3")
+models = {name: load_checkpoint(f"models/{name}/model.pt") for name in names}
+cards = {name: read_model_card(f"models/{name}") for name in names}
+if params.transformation.training_data == "cached_features":
+    features = {name: embed(models[name], train.images) for name in names}
+    source = lambda old, side, new: cached_features(features[old], features.get(side), features[new])  # noqa: E731
+else:
+    source = lambda old, side, new: augmented_features(  # noqa: E731
+        train.images, models[old], models.get(side), models[new], params.seed)
+seeds = params.transformation.seeds
+jobs = [("old", "new", True, seeds), ("old", "new", False, seeds), ("new", "v3", True, seeds[:1]),
+        ("old", "v3", True, seeds[:1])]
+for src, dst, with_side, job_seeds in jobs:
+    label = f"h-{cards[src].ref.label}-{cards[dst].ref.label}" + ("" if with_side else "-noside")
+    links = {"source": cards[src].ref, "target": cards[dst].ref} | ({"side_info": cards["side_info"].ref} if with_side else {})
+    for seed in job_seeds:
+        h, metrics = train_transformation(source(src, "side_info" if with_side else None, dst), params.transformation, seed)
+        card = write_model_dir(h, Path(f"models/transformations/{label}/seed{seed}"), "transformation", label, metrics,
+                               links=links)
+        print(f"{label} seed {seed}: train MSE {metrics['train_mse']:.4f} in {metrics['seconds']:.0f} s -> {card.ref}")
