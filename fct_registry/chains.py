@@ -65,8 +65,8 @@ def plan_chain(
     Args:
         source: Model version the stored embeddings were computed with.
         target: Model version to upgrade to.
-        edges: Registered transformations (see :func:`~fct_registry.model_registry.
-            ModelRegistry.transformation_edges`).
+        edges: Registered transformations (see
+            :meth:`fct_registry.model_registry.ModelRegistry.transformation_edges`).
         available_side_info: Side-info models stored with the set. None skips the
             check; otherwise only transformations without side-info or with a listed
             side-info model are usable (pass ``[]`` for a set without side-info).

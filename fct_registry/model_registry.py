@@ -31,6 +31,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -123,15 +124,19 @@ class ModelRegistry:
     """
 
     def __init__(self, root: str | os.PathLike = ".", tracking_uri: str | None = None, prefix: str = "fct"):
-        from mlflow import MlflowClient
-
         self.root = Path(root).resolve()
         self.tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(root)
         self.prefix = prefix
-        if self.tracking_uri.startswith("sqlite:"):
-            (self.root / "registry").mkdir(parents=True, exist_ok=True)
-        self._client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
         self._experiment: str | None = None
+
+    @cached_property
+    def _client(self) -> Any:
+        """``MlflowClient`` bound to :attr:`tracking_uri` (opening a SQLite store creates it)."""
+        from mlflow import MlflowClient
+
+        if self.tracking_uri == default_tracking_uri(self.root):
+            (self.root / "registry").mkdir(parents=True, exist_ok=True)
+        return MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
 
     # ----- names and lookups -------------------------------------------------------------------
 
@@ -246,8 +251,9 @@ class ModelRegistry:
 
         Raises:
             RegistryError: Missing file, sha256 mismatch with ``ref``, the same bytes
-                registered under another label, or a transformation without the
-                source/target tags of :func:`transformation_tags`.
+                registered under another label, a transformation without the
+                source/target tags of :func:`transformation_tags`, or MLflow refusing
+                the run or version (e.g. an invalid param name).
         """
         path = Path(onnx_path)
         if not path.is_file():
@@ -269,10 +275,16 @@ class ModelRegistry:
         }
         if role == "transformation":
             _require_tags(version_tags, _EDGE_TAGS, f"transformation {ref} (see transformation_tags())")
+        from mlflow.exceptions import MlflowException
+
         # The registry store itself resolves ``models:/<id>`` through the process-wide URI.
         with _fluent_tracking_uri(self.tracking_uri):
-            model_uri, model_id, run_id = self._log_onnx(path, name, ref, version_tags, params or {}, metrics or {})
-            return self._create_version(name, model_uri, model_id, run_id, version_tags)
+            try:
+                model_uri, model_id, run_id = self._log_onnx(path, name, ref, version_tags, params or {},
+                                                             metrics or {})
+                return self._create_version(name, model_uri, model_id, run_id, version_tags)
+            except MlflowException as e:
+                raise RegistryError(f"cannot register {path} as {name} {ref}: {_first_line(e)}") from e
 
     def set_tags(self, version: RegisteredVersion, tags: Mapping[str, Any]) -> RegisteredVersion:
         """Add or overwrite version tags (e.g. metrics measured after registration).

@@ -51,12 +51,14 @@ def scaled_identity(path: Path, label: str, scale: float, dim: int = 3) -> Model
     return ModelRef(label=label, sha256=hashlib.sha256(path.read_bytes()).hexdigest())
 
 
-def test_default_uri_and_env_override(store_root: Path, monkeypatch: pytest.MonkeyPatch):
-    assert ModelRegistry(store_root).tracking_uri == f"sqlite:///{store_root.resolve()}/registry/mlflow.db"
-    assert default_tracking_uri(store_root) == ModelRegistry(store_root).tracking_uri
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////elsewhere/mlflow.db")
-    assert ModelRegistry(store_root).tracking_uri == "sqlite:////elsewhere/mlflow.db"
-    assert ModelRegistry(store_root, tracking_uri="sqlite:////given.db").tracking_uri == "sqlite:////given.db"
+def test_default_uri_and_env_override(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    assert ModelRegistry(tmp_path).tracking_uri == f"sqlite:///{tmp_path.resolve()}/registry/mlflow.db"
+    assert default_tracking_uri(tmp_path) == ModelRegistry(tmp_path).tracking_uri
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/env.db")
+    assert ModelRegistry(tmp_path).tracking_uri == f"sqlite:///{tmp_path}/env.db"
+    given = f"sqlite:///{tmp_path}/given.db"
+    assert ModelRegistry(tmp_path, tracking_uri=given).tracking_uri == given
+    assert list(tmp_path.iterdir()) == []  # constructing a registry opens no store
 
 
 def test_register_tags_params_and_metrics(registry: ModelRegistry, client: MlflowClient, tmp_path: Path):
