@@ -137,7 +137,10 @@ def load_image_folder(root: Path, image_size: int) -> tuple[dict[str, Split], li
         folder = Path(root) / name
         if not folder.is_dir():
             raise DataError(f"image folder split not found: {folder} (expected {root}/train and {root}/test)")
-        data = ImageFolder(str(folder), transform=to_array)
+        try:
+            data = ImageFolder(str(folder), transform=to_array)
+        except FileNotFoundError as exc:
+            raise DataError(f"no images in {folder}: {exc}".splitlines()[0]) from None
         if classes is not None and data.classes != classes:
             raise DataError(f"classes of {folder} {data.classes} differ from the train split's {classes}")
         classes = data.classes

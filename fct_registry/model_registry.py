@@ -185,6 +185,19 @@ class ModelRegistry:
             raise RegistryError(f"unknown {self.model_name(role)} version {key!r}; known: {listed}")
         return matches[-1]
 
+    def find(self, role: str, ref: ModelRef) -> RegisteredVersion:
+        """The version of ``role`` whose content is ``ref`` (same label and sha256).
+
+        Raises:
+            RegistryError: no registered version has that content (names the ref and the known versions).
+        """
+        known = self.versions(role)
+        for version in known:
+            if version.ref == ref:
+                return version
+        listed = ", ".join(str(v) for v in known) or "none registered"
+        raise RegistryError(f"{ref} is not registered as a {self.model_name(role)} version; known: {listed}")
+
     def set_alias(self, role: str, alias: str, version: str | int) -> RegisteredVersion:
         """Point ``alias`` (e.g. ``champion``) at a version (number, label or ``@alias``).
 

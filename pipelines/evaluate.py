@@ -28,8 +28,7 @@ def score(queries, gallery_vectors):
                              batch_size=params.evaluation.batch_size)
 
 
-def upgrade(*hops):
-    vectors = gallery.embeddings
+def upgrade(*hops, vectors=gallery.embeddings):
     for label, seed in hops:
         vectors = transform(OnnxModel(H / label / f"seed{seed}" / "model.onnx"), vectors, gallery.side_info)
     return vectors
@@ -43,6 +42,7 @@ cases |= {"bct_vs_old": score(q["bct"], gallery.embeddings), "bct_vs_bct": score
 for case, label in (("new_vs_upgraded_noside", f"h-{v1}-{v2}-noside"), ("new_vs_upgraded", f"h-{v1}-{v2}")):
     cases[case] = mean_std([score(q["new"], upgrade((label, s))) for s in params.transformation.seeds])
 cases |= {"v3_vs_v3": score(q["v3"], q["v3"]),
+          "v3_vs_upgraded_from_v2": score(q["v3"], upgrade((f"h-{v2}-{v3}", s0), vectors=q["new"])),
           "v3_vs_upgraded_chain": score(q["v3"], upgrade((f"h-{v1}-{v2}", s0), (f"h-{v2}-{v3}", s0))),
           "v3_vs_upgraded_direct": score(q["v3"], upgrade((f"h-{v1}-{v3}", s0)))}
 result = {"protocol": params.protocol.name, "metric": params.evaluation.metric, "cases": cases, "summary": summary(cases)}

@@ -1,0 +1,46 @@
+# Two commands do all set-up on a fresh machine: `make demo` (the main job) and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+RUN := PATH="$(BIN):$$PATH" DVC_NO_ANALYTICS=1 MLFLOW_DISABLE_TELEMETRY=true
+FASHION_MNIST := /usr/share/datasets/fashion-mnist
+QUICK := -S data.train_limit=6000 -S data.test_limit=2000 -S old.epochs=1 -S side_info.epochs=1 \
+         -S new.epochs=1 -S v3.epochs=1 -S bct.backbone.epochs=1 -S transformation.epochs=5
+
+.PHONY: setup demo quick test sweep bench clean
+
+$(BIN)/fct-registry: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+# Debian ships Fashion-MNIST as a package; elsewhere the prepare stage falls back to torchvision's downloader.
+$(FASHION_MNIST):
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist) \
+	    || echo "apt could not install dataset-fashion-mnist: prepare will use torchvision's downloader"; \
+	else echo "dataset-fashion-mnist not installed (needs root + apt): prepare will use torchvision's downloader"; fi
+
+setup: $(BIN)/fct-registry $(FASHION_MNIST)
+
+demo: setup                       ## the main job: dvc repro, then the retrieval table
+	$(RUN) dvc repro
+	@cat reports/retrieval.md
+	@$(RUN) dvc metrics show metrics/retrieval.json
+
+quick: setup                      ## a first look in a few minutes (fewer images, 1 epoch), as a DVC experiment
+	$(RUN) dvc exp run $(QUICK)
+	@cat reports/retrieval.md
+
+sweep: setup                      ## the paper's ablation: old dim x side-info dim, as DVC experiments
+	$(RUN) python pipelines/sweep.py
+
+test: setup
+	$(RUN) pytest -q
+
+bench: setup                      ## benchmarks, run by hand; results in bench/results/
+	$(RUN) python bench/run_all.py
+
+clean:
+	rm -rf data/prepared models embeddings registry/mlflow.db registry/artifacts registry/downloads

@@ -1,0 +1,40 @@
+"""Stage register: every model in the MLflow registry with its compatibility metadata; alias -> the newest backbone.
+
+Idempotent: a model whose ONNX content is already registered gets no new version.
+"""
+
+import json
+import subprocess
+from pathlib import Path
+
+import yaml
+
+from fct_registry.config import load_params
+from fct_registry.model_registry import ModelRegistry
+from fct_registry.publishing import publish_model
+
+params = load_params()
+registry = ModelRegistry(root=".", tracking_uri=params.registry.tracking_uri)
+lock = yaml.safe_load(Path("dvc.lock").read_text())
+data_hash = next(o["md5"] for o in lock["stages"]["prepare"]["outs"] if o["path"] == "data/prepared")
+commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip() or "unknown"
+cases = json.loads(Path("metrics/retrieval.json").read_text())["cases"]
+seed = params.transformation.seeds[0]
+v1, v2, v3 = params.old.version, params.new.version, params.v3.version
+sections = {"models/old": ["protocol", "old"], "models/side_info": ["side_info"], "models/new": ["new"],
+            "models/v3": ["v3"], "models/bct": ["protocol", "bct"]}
+transformations = {f"h-{v1}-{v2}": "new_vs_upgraded", f"h-{v1}-{v2}-noside": "new_vs_upgraded_noside",
+                   f"h-{v2}-{v3}": "v3_vs_upgraded_from_v2", f"h-{v1}-{v3}": "v3_vs_upgraded_direct"}
+dump = params.model_dump(mode="json")
+published = {}
+for folder, keys in sections.items():
+    version = publish_model(registry, folder, params.evaluation.metric, data_hash, commit, {k: dump[k] for k in keys})
+    published[folder] = {"name": version.name, "version": version.version, "label": version.ref.label}
+for label, case in transformations.items():
+    measured = {k: cases[case][k] for k in ("cmc_top1", "cmc_top5", "map")}
+    version = publish_model(registry, f"models/transformations/{label}/seed{seed}", params.evaluation.metric,
+                            data_hash, commit, {"transformation": dump["transformation"], "seed": seed}, measured)
+    published[label] = {"name": version.name, "version": version.version, "label": version.ref.label}
+champion = registry.set_alias("backbone", params.registry.champion_alias, published["models/v3"]["version"])
+print(f"{params.registry.champion_alias} -> {champion}")
+Path("registry/published.json").write_text(json.dumps(published, indent=2) + "\n")
