@@ -49,3 +49,22 @@ class UpgradeError(FctError):
 
 class SearchError(FctError):
     """A retrieval request has bad shapes, k or metric."""
+
+
+def report_errors_in_one_line() -> None:
+    """Make an uncaught :class:`FctError` print ``error: <message>`` to stderr and exit with status 1.
+
+    Stage scripts call this first, so a bad input ends a ``dvc repro`` with one clear line instead of a
+    traceback; any other exception keeps Python's usual traceback.
+    """
+    import sys
+
+    previous = sys.excepthook
+
+    def hook(kind, value, traceback):
+        if isinstance(value, FctError):
+            print(f"error: {value}", file=sys.stderr)
+            sys.exit(1)
+        previous(kind, value, traceback)
+
+    sys.excepthook = hook

@@ -11,10 +11,12 @@ from fct_registry.compatibility import mean_std, summary
 from fct_registry.config import load_params
 from fct_registry.data import load_prepared
 from fct_registry.embedding_set import EmbeddingSet
+from fct_registry.errors import report_errors_in_one_line
 from fct_registry.evaluation import compatibility_table, plot_cases, retrieval_metrics
 from fct_registry.gallery import embed_images, transform
 from fct_registry.runtime import OnnxModel
 
+report_errors_in_one_line()
 params = load_params()
 test = load_prepared(Path("data/prepared"), "test")
 gallery = EmbeddingSet.open("embeddings/gallery_v1").read()

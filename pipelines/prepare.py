@@ -4,7 +4,9 @@ from pathlib import Path
 
 from fct_registry.config import load_params
 from fct_registry.data import load_source, save_prepared
+from fct_registry.errors import report_errors_in_one_line
 
+report_errors_in_one_line()
 params = load_params()
 splits, classes = load_source(params.data)
 save_prepared(splits, classes, Path("data/prepared"), params.data.source)

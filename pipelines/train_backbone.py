@@ -9,6 +9,7 @@ import typer
 
 from fct_registry.config import load_params
 from fct_registry.data import load_prepared
+from fct_registry.errors import report_errors_in_one_line
 from fct_registry.model_files import write_model_dir
 from fct_registry.training import train_backbone
 
@@ -26,4 +27,5 @@ def main(section: Literal["new", "v3"]) -> None:
 
 
 if __name__ == "__main__":
+    report_errors_in_one_line()
     typer.run(main)

@@ -10,10 +10,12 @@ import torch
 
 from fct_registry.config import load_params
 from fct_registry.data import load_prepared
+from fct_registry.errors import report_errors_in_one_line
 from fct_registry.model_files import read_model_card, write_model_dir
 from fct_registry.models.checkpoint import load_checkpoint
 from fct_registry.training import augmented_features, cached_features, embed, train_transformation
 
+report_errors_in_one_line()
 params = load_params()
 torch.set_num_threads(params.threads)
 train = load_prepared(Path("data/prepared"), "train")

@@ -1,0 +1,24 @@
+"""Stage upgrade: bring the stored v1 gallery to the champion backbone through the registry's chain of forward
+transformations (ONNX Runtime, vectors only: no image is read), then score champion queries against it."""
+
+import json
+from pathlib import Path
+
+from fct_registry.config import load_params
+from fct_registry.embedding_set import EmbeddingSet
+from fct_registry.errors import report_errors_in_one_line
+from fct_registry.workflows import default_output, evaluate_gallery, open_registry, run_upgrade
+
+report_errors_in_one_line()
+params = load_params()
+registry = open_registry(".")
+champion = registry.resolve_alias("backbone", params.registry.champion_alias)
+source = EmbeddingSet.open("embeddings/gallery_v1")
+steps, upgraded = run_upgrade(registry, source.path, champion, default_output("embeddings", source, champion),
+                              on_plan=lambda steps: print("\n".join(f"plan: {step}" for step in steps)))
+result = evaluate_gallery(registry, str(champion.version), upgraded, "data/prepared", top_k=params.evaluation.top_k)
+report = {"source": str(source.path), "target": str(champion), "chain": [step.name for step in steps],
+          "output": str(upgraded.path), "count": upgraded.manifest.count,
+          f"{champion.ref.label}_vs_stored_upgraded": result.metrics}
+Path("metrics/upgrade.json").write_text(json.dumps(report, indent=2) + "\n")
+print(json.dumps(report, indent=2))
