@@ -34,7 +34,7 @@ quick: setup                      ## a first look in a few minutes (fewer images
 	@cat reports/retrieval.md
 
 sweep: setup                      ## the paper's ablation: old dim x side-info dim, as DVC experiments
-	$(RUN) python pipelines/sweep.py
+	$(RUN) python experiments/sweep.py
 
 test: setup
 	$(RUN) pytest -q

@@ -157,6 +157,19 @@ def check_finite(vectors: np.ndarray, ids: np.ndarray, producer: str) -> None:
                            f"({int(bad.sum())} rows in this batch); nothing was written")
 
 
+def check_stored_finite(batch: EmbeddingBatch, set_path: Path) -> None:
+    """Refuse a batch read from a stored set whose embeddings (n, d) or side_info (n, d_side) hold NaN or inf.
+
+    Raises:
+        UpgradeError: naming the set, the column and the first bad item_id.
+    """
+    for column, vectors in (("embedding", batch.embeddings), ("side_info", batch.side_info)):
+        bad = np.zeros(len(batch), bool) if vectors is None else ~np.isfinite(vectors).all(axis=1)
+        if bad.any():
+            raise UpgradeError(f"set {set_path} stores NaN/inf in column {column} for item_id "
+                               f"{int(batch.ids[bad][0])}; nothing was written")
+
+
 def upgrade_set(source_path: str | os.PathLike[str], steps: Sequence[ChainStep],
                 dest_path: str | os.PathLike[str], batch_rows: int = 65536,
                 engine: Literal["local", "ray"] = "local", progress: Progress | None = None,
@@ -219,6 +232,7 @@ def upgrade_set(source_path: str | os.PathLike[str], steps: Sequence[ChainStep],
 def _iter_local(source: EmbeddingSet, steps: Sequence[ChainStep], models: Sequence[OnnxModel],
                 batch_rows: int) -> Iterator[EmbeddingBatch]:
     for batch in source.iter_batches(batch_rows):
+        check_stored_finite(batch, source.path)
         upgraded = apply_chain(models, steps, batch.embeddings, batch.side_info, ids=batch.ids)
         yield EmbeddingBatch(batch.ids, batch.labels, upgraded, batch.side_info)
 
