@@ -40,13 +40,15 @@ def main(quick: bool = False) -> None:
                 "old_vs_old", "new_vs_new", "new_vs_upgraded_noside", "new_vs_upgraded")}})
     subprocess.run(["git", "checkout", "params.yaml", "dvc.lock"], check=True)
     subprocess.run(["dvc", "checkout"], check=False)
-    lines = ["| old dim | side-info | old/old top-1 | new/new top-1 | new/h(old) top-1 | mAP |", "|---:|---|---:|---:|---:|---:|"]
+    lines = ["| old dim | side-info | old/old top-1 | new/new top-1 | new/h(old) top-1 | mAP |",
+             "|---:|---|---:|---:|---:|---:|"]
     for row in rows:
         for side, case in ((None, "new_vs_upgraded_noside"), (row["side_dim"], "new_vs_upgraded")):
             if side is None and row["side_dim"] != SIDE_DIMS[0]:
                 continue
             lines.append(f"| {row['old_dim']} | {side or 'none'} | {row['old_vs_old']['cmc_top1']:.3f} | "
-                         f"{row['new_vs_new']['cmc_top1']:.3f} | {row[case]['cmc_top1']:.3f} | {row[case]['map']:.3f} |")
+                         f"{row['new_vs_new']['cmc_top1']:.3f} | {row[case]['cmc_top1']:.3f} | "
+                         f"{row[case]['map']:.3f} |")
     Path("reports/sweep.md").write_text("\n".join(lines) + "\n")
     Path("metrics/sweep.json").write_text(json.dumps({"quick": quick, "runs": rows}, indent=2) + "\n")
     plot_cases({k: {m: v[m] for m in ("cmc_top1", "map")} for k, v in cases.items()}, "reports/sweep.png")

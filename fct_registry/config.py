@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, V
 
 from fct_registry.errors import ConfigError
 
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -29,7 +30,7 @@ class DataParams(_Section):
     test_limit: PositiveInt | None = None
 
     @model_validator(mode="after")
-    def _folder_given(self) -> "DataParams":
+    def _folder_given(self) -> DataParams:
         if self.source == "image_folder" and self.image_folder is None:
             raise ValueError("data.source is 'image_folder' but data.image_folder is not set")
         return self
@@ -127,7 +128,7 @@ class Params(_Section):
     registry: RegistryParams = RegistryParams()
 
     @model_validator(mode="after")
-    def _bct_keeps_old_dim(self) -> "Params":
+    def _bct_keeps_old_dim(self) -> Params:
         if self.bct.backbone.embedding_dim != self.old.embedding_dim:
             raise ValueError(
                 f"bct.backbone.embedding_dim is {self.bct.backbone.embedding_dim} but BCT embeds into the old "

@@ -48,7 +48,7 @@ class Split:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
-    def subset(self, mask: np.ndarray) -> "Split":
+    def subset(self, mask: np.ndarray) -> Split:
         """Rows where ``mask`` (N,) bool is true."""
         return Split(self.images[mask], self.labels[mask], self.item_ids[mask])
 
@@ -67,7 +67,8 @@ def _read_idx(path: Path, magic: int, count: int) -> np.ndarray:
         raise DataError(f"not an idx file with magic {magic}: {path}")
     dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
     if dims[0] != count or len(raw) != header + int(np.prod(dims)):
-        raise DataError(f"Fashion-MNIST file has shape {dims} and {len(raw) - header} bytes, expected {count} items: {path}")
+        raise DataError(f"Fashion-MNIST file has shape {dims} and {len(raw) - header} bytes, "
+                        f"expected {count} items: {path}")
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
 
 

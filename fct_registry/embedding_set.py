@@ -222,7 +222,7 @@ class EmbeddingSet:
         Raises:
             EmbeddingSetError: naming the first shard file that is missing or does not match.
         """
-        for shard, file in zip(self.manifest.shards, self.shard_paths):
+        for shard, file in zip(self.manifest.shards, self.shard_paths, strict=False):
             try:
                 digest = _file_sha256(file)
             except OSError as exc:

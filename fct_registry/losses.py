@@ -34,7 +34,7 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Ten
 
 
 def influence_loss(new_embedding: torch.Tensor, old_classifier: torch.nn.Linear, labels: torch.Tensor) -> torch.Tensor:
-    """BCT influence loss (Shen et al., CVPR 2020, Sec. 3): cross-entropy of the frozen old classifier on new embeddings.
+    """BCT influence loss (Shen et al., CVPR 2020, Sec. 3): CE of the frozen old classifier on new embeddings.
 
     Args:
         new_embedding: (B, d_old) float32 embeddings of the model being trained (BCT forces d_new = d_old).
@@ -49,7 +49,7 @@ def influence_loss(new_embedding: torch.Tensor, old_classifier: torch.nn.Linear,
 
 
 def transformation_loss(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """FCT transformation loss (Ramanujan et al., CVPR 2022, Sec. 3; ml-fct trains h with MSE): mean squared error to the new embedding.
+    """FCT transformation loss (Ramanujan et al., CVPR 2022, Sec. 3; as ml-fct): MSE to the new embedding.
 
     Args:
         predicted: (B, d_new) float32, h(old embedding, side-info).

@@ -8,7 +8,6 @@ side-info versions and its measured cross-model CMC top-1/top-5 and mAP.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any

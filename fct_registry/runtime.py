@@ -129,7 +129,7 @@ class OnnxModel:
             array = np.array(value, dtype=np.float32, order="C")
         except (TypeError, ValueError) as exc:
             raise RuntimeInputError(f"input {name!r} is not a numeric array: {exc}") from exc
-        fixed = all(e == a for e, a in zip(expected[1:], array.shape[1:]) if isinstance(e, int))
+        fixed = all(e == a for e, a in zip(expected[1:], array.shape[1:], strict=False) if isinstance(e, int))
         if array.ndim != len(expected) or not fixed:
             raise RuntimeInputError(f"input {name!r} has shape {array.shape}; expected {expected}")
         return array

@@ -127,7 +127,7 @@ class GalleryIndex:
         out = np.empty((len(vectors), len(self)), dtype=np.float32)
         kernel = faiss.fvec_L2sqr_ny if self.metric == "l2" else faiss.fvec_inner_products_ny
         gallery = self._index.get_xb()
-        for row, vector in zip(out, vectors):
+        for row, vector in zip(out, vectors, strict=False):
             kernel(faiss.swig_ptr(row), faiss.swig_ptr(vector), gallery, self.dim, len(self))
         return self._to_scores(out)
 

@@ -141,8 +141,8 @@ def train_backbone(split: Split, n_classes: int, params: BackboneParams, seed: i
             a (n_classes,) int64 map from a training label to the old head's label, and lambda.
 
     Returns:
-        The backbone with its classification head (``.backbone`` is the embedding model), in eval mode, and metrics: ``train_loss``,
-        ``train_accuracy`` (last epoch, fraction), ``seconds``.
+        The backbone with its classification head (``.backbone`` is the embedding model), in eval mode,
+        and metrics: ``train_loss``, ``train_accuracy`` (last epoch, fraction), ``seconds``.
     """
     generator = seed_everything(seed)
     model = Classifier(Backbone(params.arch, params.embedding_dim, params.width, split.images.shape[1]), n_classes)

@@ -137,7 +137,7 @@ def apply_chain(models: Sequence[OnnxModel], steps: Sequence[ChainStep], embeddi
         UpgradeError: ``ids`` given and a step outputs NaN or inf (step and first bad item_id named).
     """
     x = embeddings
-    for i, (model, step) in enumerate(zip(models, steps), start=1):
+    for i, (model, step) in enumerate(zip(models, steps, strict=False), start=1):
         inputs = {OLD_INPUT: x} if step.side_info is None else {OLD_INPUT: x, SIDE_INPUT: side_info}
         x = model.run(**inputs)
         if ids is not None:

@@ -47,7 +47,8 @@ cases |= {"v3_vs_v3": score(q["v3"], q["v3"]),
           "v3_vs_upgraded_from_v2": score(q["v3"], upgrade((f"h-{v2}-{v3}", s0), vectors=q["new"])),
           "v3_vs_upgraded_chain": score(q["v3"], upgrade((f"h-{v1}-{v2}", s0), (f"h-{v2}-{v3}", s0))),
           "v3_vs_upgraded_direct": score(q["v3"], upgrade((f"h-{v1}-{v3}", s0)))}
-result = {"protocol": params.protocol.name, "metric": params.evaluation.metric, "cases": cases, "summary": summary(cases)}
+result = {"protocol": params.protocol.name, "metric": params.evaluation.metric, "cases": cases,
+          "summary": summary(cases)}
 Path("metrics").mkdir(exist_ok=True)
 Path("metrics/retrieval.json").write_text(json.dumps(result, indent=2) + "\n")
 Path("reports").mkdir(exist_ok=True)

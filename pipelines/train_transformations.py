@@ -33,9 +33,12 @@ jobs = [("old", "new", True, seeds), ("old", "new", False, seeds), ("new", "v3",
         ("old", "v3", True, seeds[:1])]
 for src, dst, with_side, job_seeds in jobs:
     label = f"h-{cards[src].ref.label}-{cards[dst].ref.label}" + ("" if with_side else "-noside")
-    links = {"source": cards[src].ref, "target": cards[dst].ref} | ({"side_info": cards["side_info"].ref} if with_side else {})
+    links = {"source": cards[src].ref, "target": cards[dst].ref}
+    if with_side:
+        links["side_info"] = cards["side_info"].ref
     for seed in job_seeds:
-        h, metrics = train_transformation(source(src, "side_info" if with_side else None, dst), params.transformation, seed)
+        features = source(src, "side_info" if with_side else None, dst)
+        h, metrics = train_transformation(features, params.transformation, seed)
         card = write_model_dir(h, Path(f"models/transformations/{label}/seed{seed}"), "transformation", label, metrics,
                                links=links)
         print(f"{label} seed {seed}: train MSE {metrics['train_mse']:.4f} in {metrics['seconds']:.0f} s -> {card.ref}")

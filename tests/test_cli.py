@@ -12,6 +12,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import factories
 import numpy as np
 import psutil
 import pytest
@@ -20,7 +21,6 @@ from mlflow import MlflowClient
 from PIL import Image
 from typer.testing import CliRunner
 
-import factories
 from fct_registry import workflows
 from fct_registry.cli import app
 from fct_registry.embedding_set import EmbeddingSet

@@ -7,7 +7,13 @@ import numpy as np
 import pytest
 
 from fct_registry.data import (
-    FASHION_MNIST_COARSE, Split, load_fashion_mnist, load_image_folder, load_prepared, old_task, save_prepared,
+    FASHION_MNIST_COARSE,
+    Split,
+    load_fashion_mnist,
+    load_image_folder,
+    load_prepared,
+    old_task,
+    save_prepared,
 )
 from fct_registry.errors import DataError
 
@@ -22,7 +28,8 @@ def fake_fashion(tmp_path, monkeypatch):
     """A Fashion-MNIST folder with the real file names and idx format but 12 / 5 items."""
     import fct_registry.data as data
 
-    monkeypatch.setattr(data, "_FILES", {"train": (*data._FILES["train"][:2], 12), "test": (*data._FILES["test"][:2], 5)})
+    files = {"train": (*data._FILES["train"][:2], 12), "test": (*data._FILES["test"][:2], 5)}
+    monkeypatch.setattr(data, "_FILES", files)
     rng = np.random.default_rng(0)
     for name, count in (("train", 12), ("test", 5)):
         images_file, labels_file, _ = data._FILES[name]

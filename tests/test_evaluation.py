@@ -23,7 +23,7 @@ def reference_metrics(queries, query_labels, gallery, gallery_labels, metric, qu
             if metric == "l2":
                 score = -math.dist(query, item)
             else:
-                score = sum(a * b for a, b in zip(query, item)) / (math.hypot(*query) * math.hypot(*item))
+                score = sum(a * b for a, b in zip(query, item, strict=False)) / (math.hypot(*query) * math.hypot(*item))
             ranked.append((-score, j))  # ascending: best first, then lower gallery position
         ranked.sort()
         found, precisions, first = 0, [], None

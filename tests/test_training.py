@@ -8,7 +8,13 @@ from fct_registry.config import BackboneParams, SideInfoParams, TransformationPa
 from fct_registry.data import Split
 from fct_registry.models.backbone import Backbone, Classifier
 from fct_registry.training import (
-    apply_transformation, augment, cached_features, embed, synthesise_classifier, train_backbone, train_side_info,
+    apply_transformation,
+    augment,
+    cached_features,
+    embed,
+    synthesise_classifier,
+    train_backbone,
+    train_side_info,
     train_transformation,
 )
 

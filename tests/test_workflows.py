@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import io
 
+import factories
 import numpy as np
 import pytest
 from mlflow import MlflowClient
 from PIL import Image
 
-import factories
 from fct_registry import workflows
 from fct_registry.embedding_set import EmbeddingSet, ModelRef, write_embedding_set
 from fct_registry.errors import ChainError, ConfigError, DataError, RegistryError, SearchError, VersionMismatchError

@@ -28,7 +28,8 @@ class SideInfoModel(nn.Module):
 
     def __init__(self, embedding_dim: int, projection_dim: int, width: int = 32, channels: int = 1) -> None:
         super().__init__()
-        self.init_kwargs = dict(embedding_dim=embedding_dim, projection_dim=projection_dim, width=width, channels=channels)
+        self.init_kwargs = dict(embedding_dim=embedding_dim, projection_dim=projection_dim, width=width,
+                                channels=channels)
         self.encoder = Backbone("small_cnn", embedding_dim, width=width, channels=channels)
         self.projection = nn.Sequential(
             nn.ReLU(), nn.Linear(embedding_dim, embedding_dim), nn.ReLU(), nn.Linear(embedding_dim, projection_dim))

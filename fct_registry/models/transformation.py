@@ -14,7 +14,7 @@ from torch import nn
 def _mlp(sizes: list[int]) -> nn.Sequential:
     """Linear layers with BatchNorm1d + ReLU between them (none after the last)."""
     layers: list[nn.Module] = []
-    for i, (d_in, d_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+    for i, (d_in, d_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=False)):
         layers.append(nn.Linear(d_in, d_out))
         if i < len(sizes) - 2:
             layers += [nn.BatchNorm1d(d_out), nn.ReLU(inplace=True)]
