@@ -26,6 +26,7 @@ from fct_registry import workflows
 from fct_registry.embedding_set import EmbeddingSet
 from fct_registry.errors import FctError
 from fct_registry.model_registry import ModelRegistry, RegisteredVersion
+from fct_registry.serving.server import serve_command
 from fct_registry.upgrade import ChainStep
 
 
@@ -283,3 +284,6 @@ def ui(
     _console().print(f"MLflow UI on http://{host}:{port} over {registry.tracking_uri} (Ctrl-C stops it)",
                      markup=False)
     raise typer.Exit(workflows.run_mlflow_ui(registry, host, port))
+
+
+app.command("serve")(serve_command)

@@ -18,25 +18,24 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Literal
+from typing import Literal
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
 from fct_registry.chains import Edge, lineage_tree, plan_chain
 from fct_registry.config import EvaluationParams, RegistryParams, load_params
 from fct_registry.data import load_prepared
 from fct_registry.embedding_set import MANIFEST, EmbeddingSet, list_embedding_sets, require_same_model
-from fct_registry.errors import ChainError, DataError, EmbeddingSetError, RegistryError, SearchError, UpgradeError
+from fct_registry.errors import ChainError, EmbeddingSetError, RegistryError, SearchError, UpgradeError
 from fct_registry.evaluation import retrieval_metrics
 from fct_registry.gallery import embed_images
+from fct_registry.images import read_image
 from fct_registry.model_registry import ROLES, ModelRegistry, RegisteredVersion
 from fct_registry.runtime import OnnxModel
 from fct_registry.search import SearchResult, index_for_set, search_set
 from fct_registry.upgrade import ChainStep, Progress, upgrade_set, validate_chain
 
 PARAMS_FILE = "params.yaml"
-IMAGE_FORMATS = ("PNG", "JPEG")
 
 
 @dataclass(frozen=True)
@@ -408,27 +407,6 @@ def evaluate_gallery(registry: ModelRegistry, query_version: str, gallery: Embed
     return Evaluation(query, gallery, len(images), metrics)
 
 
-def load_image(source: str | os.PathLike | BinaryIO, height: int, width: int) -> np.ndarray:
-    """Decode a PNG or JPEG image into a grayscale (1, height, width) uint8 array (bilinear resize).
-
-    Args:
-        source: A file path or a binary file object (e.g. ``io.BytesIO`` of uploaded bytes).
-        height: H of the model input.
-        width: W of the model input.
-
-    Raises:
-        DataError: the file is missing, or is not a PNG/JPEG image (the source is named).
-    """
-    try:
-        with Image.open(source, formats=IMAGE_FORMATS) as image:
-            gray = image.convert("L").resize((width, height), Image.Resampling.BILINEAR)
-    except FileNotFoundError:
-        raise DataError(f"image not found: {source}") from None
-    except (UnidentifiedImageError, OSError) as exc:
-        raise DataError(f"{source} is not a readable PNG or JPEG image: {exc}".splitlines()[0]) from None
-    return np.asarray(gray, dtype=np.uint8)[None]
-
-
 @dataclass(frozen=True)
 class ImageSearch:
     """Top-k gallery items for query images: the backbone used, the gallery set, and ids/scores per image
@@ -477,7 +455,7 @@ def search_images(registry: ModelRegistry, images: Sequence[str | os.PathLike], 
     require_same_model(model.ref, gallery.manifest.model)
     onnx_model = OnnxModel(registry.onnx_path(model))
     _, _, height, width = onnx_model.input_shapes["image"]
-    pixels = np.stack([load_image(path, height, width) for path in images])
+    pixels = np.concatenate([read_image(path, height, width) for path in images])
     queries = embed_images(onnx_model, pixels)
     return ImageSearch(model, gallery, search_set(index_for_set(gallery), queries, model.ref, k))
 

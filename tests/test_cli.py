@@ -77,7 +77,7 @@ def _command_paths(command, prefix: tuple[str, ...] = ()) -> Iterator[tuple[str,
 def test_help_of_the_app_and_every_command():
     paths = list(_command_paths(typer.main.get_command(app)))
     assert set(paths) == {(), ("models",), ("models", "list"), ("sets",), ("sets", "list"), ("lineage",),
-                          ("promote",), ("upgrade",), ("evaluate",), ("search",), ("ui",)}
+                          ("promote",), ("upgrade",), ("evaluate",), ("search",), ("ui",), ("serve",)}
     for path in paths:
         result = runner.invoke(app, [*path, "--help"])
         assert result.exit_code == 0 and "Usage: " in result.stdout, (path, result.output)
@@ -181,7 +181,7 @@ BAD_INPUTS = {
     "NaN side-info": (["upgrade", "nan_side_v1"], ["stores NaN/inf in column side_info for item_id 1005"]),
     "query model differs": (["evaluate", "--query-model", "v3", "--gallery", "gallery_v1"],
                             ["query model v3@", "differs from gallery model v1@"]),
-    "not an image": (["search", "{root}/notes.png", "--gallery", "gallery_v3"], ["notes.png is not a readable PNG"]),
+    "not an image": (["search", "{root}/notes.png", "--gallery", "gallery_v3"], ["notes.png: image is not a PNG or JPEG"]),
     "gallery of another model": (["search", "{root}/notes.png", "--gallery", "gallery_v1"],
                                  ["differs from gallery model v1@"]),
 }

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import io
-
 import factories
 import numpy as np
 import pytest
@@ -15,6 +13,7 @@ from fct_registry.embedding_set import EmbeddingSet, ModelRef, write_embedding_s
 from fct_registry.errors import ChainError, ConfigError, DataError, RegistryError, SearchError, VersionMismatchError
 from fct_registry.evaluation import retrieval_metrics
 from fct_registry.gallery import embed_images
+from fct_registry.images import read_image
 from fct_registry.model_registry import default_tracking_uri, file_sha256
 from fct_registry.runtime import OnnxModel
 
@@ -132,24 +131,23 @@ def test_search_finds_each_image_first_in_a_gallery_of_the_champion(world, tmp_p
         workflows.search_images(world.registry, paths, 5, "@champion", world.sets_root)
 
 
-def test_load_image_converts_png_and_jpeg_and_refuses_other_bytes(tmp_path):
+def test_read_image_converts_png_and_jpeg_and_refuses_other_bytes(tmp_path):
     rgb = np.zeros((40, 20, 3), np.uint8)
     rgb[..., 0] = 255
     Image.fromarray(rgb).save(tmp_path / "red.png")
-    image = workflows.load_image(tmp_path / "red.png", 28, 14)
-    assert image.shape == (1, 28, 14) and image.dtype == np.uint8
+    image = read_image(tmp_path / "red.png", 28, 14)
+    assert image.shape == (1, 1, 28, 14) and image.dtype == np.uint8
     assert np.all(image == round(0.299 * 255))  # ITU-R 601-2 luma of pure red
-    jpeg = io.BytesIO()
-    Image.fromarray(rgb).save(jpeg, format="JPEG")
-    assert workflows.load_image(io.BytesIO(jpeg.getvalue()), 28, 28).shape == (1, 28, 28)
+    Image.fromarray(rgb).save(tmp_path / "red.jpg", format="JPEG")
+    assert read_image(tmp_path / "red.jpg", 28, 28).shape == (1, 1, 28, 28)
     (tmp_path / "notes.png").write_text("not an image")
-    with pytest.raises(DataError, match="notes.png is not a readable PNG or JPEG image"):
-        workflows.load_image(tmp_path / "notes.png", 28, 28)
+    with pytest.raises(DataError, match="notes.png: image is not a PNG or JPEG image"):
+        read_image(tmp_path / "notes.png", 28, 28)
     Image.fromarray(rgb).save(tmp_path / "red.bmp")
-    with pytest.raises(DataError, match="red.bmp is not a readable PNG or JPEG"):
-        workflows.load_image(tmp_path / "red.bmp", 28, 28)
-    with pytest.raises(DataError, match="image not found"):
-        workflows.load_image(tmp_path / "missing.png", 28, 28)
+    with pytest.raises(DataError, match="red.bmp: image is not a PNG or JPEG"):
+        read_image(tmp_path / "red.bmp", 28, 28)
+    with pytest.raises(DataError, match="cannot read image .*missing.png"):
+        read_image(tmp_path / "missing.png", 28, 28)
 
 
 def test_lineage_and_listings(world):
