@@ -37,8 +37,8 @@ for src, dst, with_side, job_seeds in jobs:
     if with_side:
         links["side_info"] = cards["side_info"].ref
     for seed in job_seeds:
-        features = source(src, "side_info" if with_side else None, dst)
-        h, metrics = train_transformation(features, params.transformation, seed)
+        epoch_data = source(src, "side_info" if with_side else None, dst)
+        h, metrics = train_transformation(epoch_data, params.transformation, seed)
         card = write_model_dir(h, Path(f"models/transformations/{label}/seed{seed}"), "transformation", label, metrics,
                                links=links)
         print(f"{label} seed {seed}: train MSE {metrics['train_mse']:.4f} in {metrics['seconds']:.0f} s -> {card.ref}")
