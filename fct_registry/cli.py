@@ -134,7 +134,7 @@ def models_list(
     table = _table("registered models", "role", "version", "label", "sha256", "dim", "links", "mAP")
     for v in versions:
         _row(table, v.role, _named(v), v.ref.label, v.ref.sha256[:12], v.tags.get("fct.embedding_dim", ""),
-             _links(v), v.tags.get("fct.map", ""))
+             _links(v), f"{float(v.tags['fct.map']):.3f}" if "fct.map" in v.tags else "")
     _console().print(table)
 
 

@@ -53,6 +53,7 @@ def _tiny_params(data_dir: Path) -> dict:
     for section in (params["old"], params["new"], params["v3"], params["bct"]["backbone"], params["side_info"]):
         section |= {"epochs": 1, "width": 4, "batch_size": 64}
     params["transformation"] |= {"epochs": 2, "hidden_dim": 32, "seeds": [0, 1]}
+    params["threads"] = 1
     return params
 
 
