@@ -89,7 +89,7 @@ def test_models_list_sets_list_and_lineage_show_the_versions(world):
     rows = table_rows(succeeds(cli(world, "models", "list")))
     assert [(r[0], r[2]) for r in rows] == [(v[k].role, k) for k in v]
     assert rows[2][1].startswith(f"fct-backbone/{v['v3'].version}") and "@champion" in rows[2][1]
-    assert rows[4][5:] == ["v1 -> v2 + s1", "0.62"] and rows[5][5:] == ["v2 -> v3 + s1", "0.45"]
+    assert rows[4][5:] == ["v1 -> v2 + s1", "0.620"] and rows[5][5:] == ["v2 -> v3 + s1", "0.450"]
     rows = table_rows(succeeds(cli(world, "models", "list", "--role", "transformation")))
     assert [r[2] for r in rows] == ["h-v1-v2", "h-v2-v3"]
     (row,) = table_rows(succeeds(cli(world, "sets", "list")))
