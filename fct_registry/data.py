@@ -153,7 +153,7 @@ def load_image_folder(root: Path, image_size: int) -> tuple[dict[str, Split], li
 
 
 def load_source(params: DataParams) -> tuple[dict[str, Split], list[str]]:
-    """Load the configured data source, limited to ``train_limit`` / ``test_limit`` items (stratified order kept).
+    """Load the configured data source, keeping the first ``train_limit`` / ``test_limit`` items of each split.
 
     Raises:
         DataError: see :func:`load_fashion_mnist` and :func:`load_image_folder`.

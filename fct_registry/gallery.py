@@ -22,17 +22,6 @@ def embed_images(model: OnnxModel, images: np.ndarray, batch_size: int = 1024) -
     return np.concatenate(chunks) if chunks else np.zeros((0, model.output_dim), np.float32)
 
 
-def transform(model: OnnxModel, old: np.ndarray, side_info: np.ndarray | None, batch_size: int = 8192) -> np.ndarray:
-    """Apply a forward transformation: old (N, d_old) [+ side-info (N, d_side)] float32 -> (N, d_new) float32."""
-    chunks = []
-    for i in range(0, len(old), batch_size):
-        inputs = {"old_embedding": old[i:i + batch_size]}
-        if "side_info" in model.input_names:
-            inputs["side_info"] = side_info[i:i + batch_size]
-        chunks.append(model.run(**inputs))
-    return np.concatenate(chunks)
-
-
 def build_gallery(split: Split, backbone: Path, backbone_ref: ModelRef, side_info: Path | None,
                   side_info_ref: ModelRef | None, out: Path, metric: str) -> EmbeddingSet:
     """Embed a split with the backbone (and side-info model) and store it as an embedding set.

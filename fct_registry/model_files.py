@@ -15,6 +15,7 @@ from fct_registry.embedding_set import ModelRef
 from fct_registry.errors import DataError
 from fct_registry.export import export_onnx
 from fct_registry.models.checkpoint import save_checkpoint
+from fct_registry.upgrade import ChainStep
 
 Role = Literal["backbone", "side-info", "transformation"]
 
@@ -91,3 +92,16 @@ def read_model_card(model_dir: str | Path) -> ModelCard:
         return ModelCard.model_validate(json.loads(path.read_text()))
     except ValueError as exc:
         raise DataError(f"invalid model card {path}: {str(exc).splitlines()[0]}") from None
+
+
+def chain_step(model_dir: str | Path) -> ChainStep:
+    """The upgrade-chain step of a transformation folder, named by its label (before it is registered).
+
+    Raises:
+        DataError: the model card is missing, or the folder is not a transformation with source and target links.
+    """
+    card = read_model_card(model_dir)
+    if card.role != "transformation" or not {"source", "target"} <= card.links.keys():
+        raise DataError(f"{model_dir} is a {card.role} without source/target links, expected a transformation")
+    return ChainStep(onnx_path=Path(model_dir) / "model.onnx", source=card.links["source"],
+                     target=card.links["target"], side_info=card.links.get("side_info"), name=card.ref.label)

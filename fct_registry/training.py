@@ -261,12 +261,3 @@ def train_transformation(features: FeatureEpoch, params: TransformationParams, s
             seen += len(batch[0])
     return model.eval(), {"train_mse": loss_sum / seen, "seconds": time.perf_counter() - start}
 
-
-@torch.no_grad()
-def apply_transformation(model: ForwardTransformation, old: np.ndarray, side_info: np.ndarray | None,
-                         batch_size: int = 4096) -> np.ndarray:
-    """Run h in eval mode: old (N, d_old) [+ side-info (N, d_side)] float32 -> (N, d_new) float32."""
-    model.eval()
-    tensors = (torch.from_numpy(old),) + ((torch.from_numpy(side_info),) if side_info is not None else ())
-    out = [model(*batch) for batch in _batches(tensors, batch_size, False, None)]
-    return torch.cat(out).numpy()

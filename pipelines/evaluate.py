@@ -1,7 +1,7 @@
 """Stage evaluate: the compatibility table over the test split (query = gallery, own item excluded).
 
 Queries are embedded by each backbone through ONNX Runtime; old galleries come from the stored v1 embedding
-set, upgraded galleries are h applied to its stored vectors only.
+set, upgraded galleries are h applied to its stored vectors only, by the upgrade engine's ``apply_chain``.
 """
 
 import json
@@ -13,8 +13,10 @@ from fct_registry.data import load_prepared
 from fct_registry.embedding_set import EmbeddingSet
 from fct_registry.errors import report_errors_in_one_line
 from fct_registry.evaluation import compatibility_table, plot_cases, retrieval_metrics
-from fct_registry.gallery import embed_images, transform
+from fct_registry.gallery import embed_images
+from fct_registry.model_files import chain_step
 from fct_registry.runtime import OnnxModel
+from fct_registry.upgrade import apply_chain
 
 report_errors_in_one_line()
 params = load_params()
@@ -31,9 +33,9 @@ def score(queries, gallery_vectors):
 
 
 def upgrade(*hops, vectors=gallery.embeddings):
-    for label, seed in hops:
-        vectors = transform(OnnxModel(H / label / f"seed{seed}" / "model.onnx"), vectors, gallery.side_info)
-    return vectors
+    """Run the chain of (transformation label, seed) hops over ``vectors`` (the stored v1 gallery by default)."""
+    steps = [chain_step(H / label / f"seed{seed}") for label, seed in hops]
+    return apply_chain([OnnxModel(step.onnx_path) for step in steps], steps, vectors, gallery.side_info)
 
 
 v1, v2, v3, s0 = params.old.version, params.new.version, params.v3.version, params.transformation.seeds[0]

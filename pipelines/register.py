@@ -1,4 +1,7 @@
-"""Stage register: every model in the MLflow registry with its compatibility metadata; alias -> the newest backbone.
+"""Stage register: every model in the MLflow registry with its compatibility metadata, then promote the newest backbone.
+
+The promotion goes through the same gate as ``fct-registry promote``: every stored gallery under ``embeddings/``
+must reach v3 by registered transformations whose mAP is at least ``registry.promote_map_floor``.
 
 Idempotent: a model whose ONNX content is already registered gets no new version.
 """
@@ -13,6 +16,7 @@ from fct_registry.config import load_params
 from fct_registry.errors import report_errors_in_one_line
 from fct_registry.model_registry import ModelRegistry
 from fct_registry.publishing import publish_model
+from fct_registry.workflows import promote
 
 report_errors_in_one_line()
 params = load_params()
@@ -38,6 +42,7 @@ for label, case in transformations.items():
     version = publish_model(registry, f"models/transformations/{label}/seed{seed}", params.evaluation.metric,
                             data_hash, commit, {"transformation": dump["transformation"], "seed": seed}, measured)
     published[label] = {"name": version.name, "version": version.version, "label": version.ref.label}
-champion = registry.set_alias("backbone", params.registry.champion_alias, published["models/v3"]["version"])
-print(f"{params.registry.champion_alias} -> {champion}")
+promotion = promote(registry, published["models/v3"]["version"], "embeddings", params.registry.champion_alias,
+                    params.registry.promote_map_floor)
+print(f"{params.registry.champion_alias} -> {promotion.version}")
 Path("registry/published.json").write_text(json.dumps(published, indent=2) + "\n")

@@ -181,7 +181,8 @@ BAD_INPUTS = {
     "NaN side-info": (["upgrade", "nan_side_v1"], ["stores NaN/inf in column side_info for item_id 1005"]),
     "query model differs": (["evaluate", "--query-model", "v3", "--gallery", "gallery_v1"],
                             ["query model v3@", "differs from gallery model v1@"]),
-    "not an image": (["search", "{root}/notes.png", "--gallery", "gallery_v3"], ["notes.png: image is not a PNG or JPEG"]),
+    "not an image": (["search", "{root}/notes.png", "--gallery", "gallery_v3"],
+                     ["notes.png: image is not a PNG or JPEG"]),
     "gallery of another model": (["search", "{root}/notes.png", "--gallery", "gallery_v1"],
                                  ["differs from gallery model v1@"]),
 }

@@ -54,6 +54,7 @@ def _tiny_params(data_dir: Path) -> dict:
         section |= {"epochs": 1, "width": 4, "batch_size": 64}
     params["transformation"] |= {"epochs": 2, "hidden_dim": 32, "seeds": [0, 1]}
     params["threads"] = 1
+    params["registry"]["promote_map_floor"] = 0.0  # 2-epoch models on 400 images cannot pass the demo's quality gate
     return params
 
 

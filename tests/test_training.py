@@ -8,7 +8,6 @@ from fct_registry.config import BackboneParams, SideInfoParams, TransformationPa
 from fct_registry.data import Split
 from fct_registry.models.backbone import Backbone, Classifier
 from fct_registry.training import (
-    apply_transformation,
     augment,
     cached_features,
     embed,
@@ -27,6 +26,13 @@ def _stripes(n, seed=0):
     for i, c in enumerate(labels):
         images[i, 0, 7 * c:7 * c + 7] = 250
     return Split(images, labels.astype(np.int64), np.arange(n, dtype=np.int64))
+
+
+@torch.no_grad()
+def apply_transformation(h, old, side_info):
+    """h in eval mode over whole arrays: old (N, d_old) [+ side-info (N, d_side)] float32 -> (N, d_new)."""
+    args = (torch.from_numpy(old),) + ((torch.from_numpy(side_info),) if side_info is not None else ())
+    return h.eval()(*args).numpy()
 
 
 def test_transformation_recovers_a_linear_map_with_side_info():
