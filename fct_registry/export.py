@@ -8,6 +8,9 @@ The export uses the ``torch.export``-based ONNX exporter (``dynamo=True``) with 
 ``"batch"`` shared by every input and the output, stores all weights inside the ``.onnx`` file, runs
 ``onnx.checker`` and compares ONNX Runtime (CPU) with eager PyTorch at batch sizes 1, 3 and 1024. The file only
 appears at ``path`` once every check has passed.
+
+The exporter records each node's Python stack trace, absolute file paths included; those are dropped, so the
+file's sha256 (a model version's content identity in the registry) depends on the model, not on the checkout.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from fct_registry.errors import ExportError
 from fct_registry.runtime import OnnxModel
 
 BATCH_DIM = "batch"
+STACK_TRACE_KEY = "pkg.torch.onnx.stack_trace"
 PARITY_BATCH_SIZES = (1, 3, 1024)
 PARITY_ATOL = 1e-4
 
@@ -89,6 +93,7 @@ def export_onnx(
     tmp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
     try:
         _torch_export(module, example_inputs, tmp, output_name, opset)
+        _strip_stack_traces(tmp)
         _check_graph(tmp, output_name)
         model = OnnxModel(tmp, providers=["CPUExecutionProvider"])
         diffs = {b: _parity_diff(module, model, example_inputs, b) for b in PARITY_BATCH_SIZES}
@@ -149,6 +154,21 @@ def _torch_export(
             )
         except Exception as exc:  # the exporter raises many unrelated types; report them as one
             raise ExportError(f"torch.onnx.export of {type(module).__name__} failed: {exc}".splitlines()[0]) from exc
+
+
+def _strip_stack_traces(path: Path) -> None:
+    proto = onnx.load(str(path), load_external_data=False)
+    graphs = [proto.graph]
+    nodes = [node for function in proto.functions for node in function.node]
+    while graphs:
+        graph = graphs.pop()
+        nodes.extend(graph.node)
+        graphs.extend(a.g for node in graph.node for a in node.attribute if a.type == onnx.AttributeProto.GRAPH)
+    for node in nodes:
+        kept = [prop for prop in node.metadata_props if prop.key != STACK_TRACE_KEY]
+        del node.metadata_props[:]
+        node.metadata_props.extend(kept)
+    onnx.save(proto, str(path))
 
 
 def _check_graph(path: Path, output_name: str) -> None:

@@ -135,6 +135,14 @@ def test_export_is_one_self_contained_file(exports, name, tmp_path):
     )
 
 
+def test_export_bytes_depend_on_the_model_not_on_where_its_source_lives(exports, tmp_path):
+    """The exporter records stack traces with absolute paths; the registry's sha256 identity must not see them."""
+    first = exports["transformation"].report
+    assert __file__.encode() not in first.path.read_bytes()
+    again = export_onnx(_build(TinyTransformation), _examples("transformation"), tmp_path / "again.onnx")
+    assert again.sha256 == first.sha256
+
+
 @pytest.mark.parametrize("name", CASES)
 def test_every_input_and_output_has_symbolic_batch(exports, name):
     graph = onnx.load(str(exports[name].report.path)).graph
