@@ -2,7 +2,7 @@
 
 Each combination is one ``dvc exp run`` (only stages whose params changed rerun); "none" is the ablation
 without side-info that every run also trains. Writes ``reports/sweep.md``, ``reports/sweep.png`` and
-``metrics/sweep.json``, then restores the workspace to params.yaml's defaults.
+``metrics/sweep.json``, after restoring the workspace (params, lock, metrics, reports, outputs) to HEAD's.
 
 Usage: ``python experiments/sweep.py [--quick]`` (``--quick``: the README's quick profile per run).
 """
@@ -38,7 +38,8 @@ def main(quick: bool = False) -> None:
             cases[f"old{old_dim}_side{side_dim}"] = result["new_vs_upgraded"]
             rows.append({"old_dim": old_dim, "side_dim": side_dim, **{k: result[k] for k in (
                 "old_vs_old", "new_vs_new", "new_vs_upgraded_noside", "new_vs_upgraded")}})
-    subprocess.run(["git", "checkout", "params.yaml", "dvc.lock"], check=True)
+    # The last experiment's params, lock and uncached metrics/reports stay in the workspace: restore HEAD's.
+    subprocess.run(["git", "checkout", "params.yaml", "dvc.lock", "metrics", "reports"], check=True)
     subprocess.run(["dvc", "checkout"], check=False)
     lines = ["| old dim | side-info | old/old top-1 | new/new top-1 | new/h(old) top-1 | mAP |",
              "|---:|---|---:|---:|---:|---:|"]
