@@ -260,4 +260,3 @@ def train_transformation(features: FeatureEpoch, params: TransformationParams, s
             loss_sum += loss.item() * len(batch[0])
             seen += len(batch[0])
     return model.eval(), {"train_mse": loss_sum / seen, "seconds": time.perf_counter() - start}
-
