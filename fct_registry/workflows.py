@@ -478,6 +478,10 @@ def mlflow_ui_command(registry: ModelRegistry, host: str, port: int) -> tuple[li
     return argv, {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 
+UI_STOP_GRACE_S = 10
+"""Seconds the MLflow server gets to stop after SIGTERM before its process group is killed."""
+
+
 def run_mlflow_ui(registry: ModelRegistry, host: str = "127.0.0.1", port: int = 5000) -> int:
     """Run the MLflow UI over the registry until it exits, Ctrl-C or SIGTERM; then stop its whole process group.
 
@@ -497,7 +501,11 @@ def run_mlflow_ui(registry: ModelRegistry, host: str = "127.0.0.1", port: int = 
         signal.signal(signal.SIGTERM, previous)
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGTERM)
-            process.wait()
+            try:
+                process.wait(timeout=UI_STOP_GRACE_S)
+            except subprocess.TimeoutExpired:  # uvicorn's graceful shutdown can wait on open connections
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
 
 
 def _interrupt(signum: int, frame: object) -> None:
