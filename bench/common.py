@@ -23,13 +23,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import psutil
 
-from fct_registry.embedding_set import EmbeddingBatch, EmbeddingSet, ModelRef, write_embedding_set
-from fct_registry.upgrade import ChainStep
+from fct_registry.core.refs import ModelRef
+from fct_registry.engines.chain import ChainStep
+from fct_registry.vectors.batch import EmbeddingBatch
+from fct_registry.vectors.embedding_set import EmbeddingSet
+from fct_registry.vectors.set_writer import write_embedding_set
 
 if TYPE_CHECKING:  # torch is imported where it is used, so a measured subprocess can import this module lightly
     from torch import nn
 
-    from fct_registry.models.transformation import ForwardTransformation
+    from fct_registry.method.models.transformation import ForwardTransformation
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LABELS = ("v1", "v2", "v3", "v4")
@@ -113,9 +116,9 @@ def export_chain(folder: Path, hops: int) -> tuple[list[ChainStep], list[Forward
     """
     import torch
 
-    from fct_registry.export import export_onnx
-    from fct_registry.model_files import example_inputs
-    from fct_registry.models.transformation import ForwardTransformation
+    from fct_registry.method.models.transformation import ForwardTransformation
+    from fct_registry.onnx_boundary.export import export_onnx
+    from fct_registry.onnx_boundary.model_files import example_inputs
 
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)

@@ -32,7 +32,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from fct_registry.model_registry import ModelRegistry
+from fct_registry.registry.model_registry import ModelRegistry
 
 K = 10
 EMBEDDING_DIM = 128
@@ -45,9 +45,9 @@ def build_project(root: Path, gallery_rows: int) -> None:
     """Register the v2 backbone as champion in ``root/registry`` and write its gallery to ``root/embeddings``."""
     import torch
 
-    from fct_registry.model_files import write_model_dir
-    from fct_registry.models.backbone import Backbone
-    from fct_registry.publishing import publish_model
+    from fct_registry.method.models.backbone import Backbone
+    from fct_registry.onnx_boundary.model_files import write_model_dir
+    from fct_registry.registry.publishing import publish_model
 
     torch.manual_seed(0)
     module = Backbone("cnn", EMBEDDING_DIM, width=32).eval()

@@ -23,7 +23,8 @@ from pathlib import Path
 import common
 import psutil
 
-from fct_registry.upgrade import ChainStep, upgrade_set
+from fct_registry.engines.chain import ChainStep
+from fct_registry.engines.run import upgrade_set
 
 HOPS = 1
 MIB = 2**20

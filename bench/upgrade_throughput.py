@@ -42,12 +42,12 @@ import torch
 import torchvision
 from PIL import Image
 
-from fct_registry.embedding_set import EmbeddingSet
-from fct_registry.export import export_onnx
-from fct_registry.gallery import embed_images
-from fct_registry.models.backbone import Backbone
-from fct_registry.runtime import OnnxModel
-from fct_registry.upgrade import upgrade_set
+from fct_registry.engines.run import upgrade_set
+from fct_registry.method.models.backbone import Backbone
+from fct_registry.onnx_boundary.embedding import embed_images
+from fct_registry.onnx_boundary.export import export_onnx
+from fct_registry.onnx_boundary.runtime import OnnxModel
+from fct_registry.vectors.embedding_set import EmbeddingSet
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)

@@ -15,11 +15,11 @@ from pathlib import Path
 import torch
 import typer
 
-from fct_registry.config import load_params
-from fct_registry.data import load_prepared
-from fct_registry.evaluation import retrieval_metrics
-from fct_registry.models.checkpoint import load_checkpoint
-from fct_registry.training import augmented_features, cached_features, embed, train_transformation
+from fct_registry.core.config import load_params
+from fct_registry.method.data import load_prepared
+from fct_registry.method.models.checkpoint import load_checkpoint
+from fct_registry.method.training import augmented_features, cached_features, embed, train_transformation
+from fct_registry.vectors.metrics import retrieval_metrics
 
 
 def main(seeds: list[int] = typer.Option([0], help="seeds of h"),  # noqa: B008

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import typer
 
-from fct_registry.evaluation import plot_cases
+from fct_registry.vectors.compatibility import plot_cases
 
 OLD_DIMS, SIDE_DIMS = (8, 16, 128), (32, 128)
 QUICK = ["data.train_limit=6000", "data.test_limit=2000", "old.epochs=1", "side_info.epochs=1", "new.epochs=1",

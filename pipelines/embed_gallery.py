@@ -2,11 +2,11 @@
 
 from pathlib import Path
 
-from fct_registry.config import load_params
-from fct_registry.data import load_prepared
-from fct_registry.errors import report_errors_in_one_line
-from fct_registry.gallery import build_gallery
-from fct_registry.model_files import read_model_card
+from fct_registry.core.config import load_params
+from fct_registry.core.errors import report_errors_in_one_line
+from fct_registry.method.data import load_prepared
+from fct_registry.onnx_boundary.model_card import read_model_card
+from fct_registry.usecases.sets import build_gallery
 
 report_errors_in_one_line()
 params = load_params()

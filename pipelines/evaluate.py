@@ -7,16 +7,15 @@ set, upgraded galleries are h applied to its stored vectors only, by the upgrade
 import json
 from pathlib import Path
 
-from fct_registry.compatibility import mean_std, summary
-from fct_registry.config import load_params
-from fct_registry.data import load_prepared
-from fct_registry.embedding_set import EmbeddingSet
-from fct_registry.errors import report_errors_in_one_line
-from fct_registry.evaluation import compatibility_table, plot_cases, retrieval_metrics
-from fct_registry.gallery import embed_images
-from fct_registry.model_files import chain_step
-from fct_registry.runtime import OnnxModel
-from fct_registry.upgrade import apply_chain
+from fct_registry.core.config import load_params
+from fct_registry.core.errors import report_errors_in_one_line
+from fct_registry.engines.chain import apply_chain, chain_step
+from fct_registry.method.data import load_prepared
+from fct_registry.onnx_boundary.embedding import embed_images
+from fct_registry.onnx_boundary.runtime import OnnxModel
+from fct_registry.vectors.compatibility import compatibility_table, mean_std, plot_cases, summary
+from fct_registry.vectors.embedding_set import EmbeddingSet
+from fct_registry.vectors.metrics import retrieval_metrics
 
 report_errors_in_one_line()
 params = load_params()

@@ -2,9 +2,9 @@
 
 from pathlib import Path
 
-from fct_registry.config import load_params
-from fct_registry.data import load_source, save_prepared
-from fct_registry.errors import report_errors_in_one_line
+from fct_registry.core.config import load_params
+from fct_registry.core.errors import report_errors_in_one_line
+from fct_registry.method.data import load_source, save_prepared
 
 report_errors_in_one_line()
 params = load_params()

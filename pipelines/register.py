@@ -12,11 +12,11 @@ from pathlib import Path
 
 import yaml
 
-from fct_registry.config import load_params
-from fct_registry.errors import report_errors_in_one_line
-from fct_registry.model_registry import ModelRegistry
-from fct_registry.publishing import publish_model
-from fct_registry.workflows import promote
+from fct_registry.core.config import load_params
+from fct_registry.core.errors import report_errors_in_one_line
+from fct_registry.registry.model_registry import ModelRegistry
+from fct_registry.registry.publishing import publish_model
+from fct_registry.usecases.promote import promote
 
 report_errors_in_one_line()
 params = load_params()

@@ -7,11 +7,11 @@ from typing import Literal
 import torch
 import typer
 
-from fct_registry.config import load_params
-from fct_registry.data import load_prepared
-from fct_registry.errors import report_errors_in_one_line
-from fct_registry.model_files import write_model_dir
-from fct_registry.training import train_backbone
+from fct_registry.core.config import load_params
+from fct_registry.core.errors import report_errors_in_one_line
+from fct_registry.method.data import load_prepared
+from fct_registry.method.training import train_backbone
+from fct_registry.onnx_boundary.model_files import write_model_dir
 
 
 def main(section: Literal["new", "v3"]) -> None:

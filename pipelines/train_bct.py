@@ -6,13 +6,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fct_registry.config import load_params
-from fct_registry.data import FASHION_MNIST_COARSE, load_prepared, old_task
-from fct_registry.errors import report_errors_in_one_line
-from fct_registry.model_files import write_model_dir
-from fct_registry.models.backbone import Classifier
-from fct_registry.models.checkpoint import load_checkpoint
-from fct_registry.training import synthesise_classifier, train_backbone
+from fct_registry.core.config import load_params
+from fct_registry.core.errors import report_errors_in_one_line
+from fct_registry.method.data import FASHION_MNIST_COARSE, load_prepared, old_task
+from fct_registry.method.models.backbone import Classifier
+from fct_registry.method.models.checkpoint import load_checkpoint
+from fct_registry.method.training import synthesise_classifier, train_backbone
+from fct_registry.onnx_boundary.model_files import write_model_dir
 
 report_errors_in_one_line()
 params = load_params()

@@ -5,11 +5,11 @@ from pathlib import Path
 
 import torch
 
-from fct_registry.config import load_params
-from fct_registry.data import load_prepared
-from fct_registry.errors import report_errors_in_one_line
-from fct_registry.model_files import write_model_dir
-from fct_registry.training import train_side_info
+from fct_registry.core.config import load_params
+from fct_registry.core.errors import report_errors_in_one_line
+from fct_registry.method.data import load_prepared
+from fct_registry.method.training import train_side_info
+from fct_registry.onnx_boundary.model_files import write_model_dir
 
 report_errors_in_one_line()
 params = load_params()

@@ -8,12 +8,13 @@ from pathlib import Path
 
 import torch
 
-from fct_registry.config import load_params
-from fct_registry.data import load_prepared
-from fct_registry.errors import report_errors_in_one_line
-from fct_registry.model_files import read_model_card, write_model_dir
-from fct_registry.models.checkpoint import load_checkpoint
-from fct_registry.training import augmented_features, cached_features, embed, train_transformation
+from fct_registry.core.config import load_params
+from fct_registry.core.errors import report_errors_in_one_line
+from fct_registry.method.data import load_prepared
+from fct_registry.method.models.checkpoint import load_checkpoint
+from fct_registry.method.training import augmented_features, cached_features, embed, train_transformation
+from fct_registry.onnx_boundary.model_card import read_model_card
+from fct_registry.onnx_boundary.model_files import write_model_dir
 
 report_errors_in_one_line()
 params = load_params()

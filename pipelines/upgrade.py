@@ -4,17 +4,19 @@ transformations (ONNX Runtime, vectors only: no image is read), then score champ
 import json
 from pathlib import Path
 
-from fct_registry.config import load_params
-from fct_registry.embedding_set import EmbeddingSet
-from fct_registry.errors import report_errors_in_one_line
-from fct_registry.workflows import default_output, evaluate_gallery, open_registry, run_upgrade
+from fct_registry.core.config import load_params
+from fct_registry.core.errors import report_errors_in_one_line
+from fct_registry.usecases.evaluate import evaluate_gallery
+from fct_registry.usecases.project import open_registry
+from fct_registry.usecases.upgrade import default_output, run_upgrade
+from fct_registry.vectors.embedding_set import EmbeddingSet
 
 report_errors_in_one_line()
 params = load_params()
 registry = open_registry(".")
 champion = registry.resolve_alias("backbone", params.registry.champion_alias)
-source = EmbeddingSet.open("embeddings/gallery_v1")
-steps, upgraded = run_upgrade(registry, source.path, champion, default_output("embeddings", source, champion),
+source = EmbeddingSet.open("embeddings/gallery_v1", verify=False)  # run_upgrade verifies its shards once
+steps, upgraded = run_upgrade(registry, source, champion, default_output("embeddings", source, champion),
                               on_plan=lambda steps: print("\n".join(f"plan: {step}" for step in steps)))
 result = evaluate_gallery(registry, str(champion.version), upgraded, "data/prepared", top_k=params.evaluation.top_k)
 report = {"source": str(source.path), "target": str(champion), "chain": [step.name for step in steps],

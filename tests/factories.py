@@ -47,16 +47,20 @@ import torch
 import yaml
 from torch import nn
 
-from fct_registry.config import BackboneParams, BctParams, Params, RegistryParams
-from fct_registry.data import Split, save_prepared
-from fct_registry.embedding_set import MANIFEST, EmbeddingBatch, EmbeddingSet, write_embedding_set
-from fct_registry.gallery import build_gallery
-from fct_registry.model_files import ModelCard, write_model_dir
-from fct_registry.model_registry import ModelRegistry, RegisteredVersion
-from fct_registry.models.backbone import Backbone
-from fct_registry.models.side_info import SideInfoModel
-from fct_registry.models.transformation import ForwardTransformation
-from fct_registry.publishing import publish_model
+from fct_registry.core.config import BackboneParams, BctParams, Params, RegistryParams
+from fct_registry.method.data import Split, save_prepared
+from fct_registry.method.models.backbone import Backbone
+from fct_registry.method.models.side_info import SideInfoModel
+from fct_registry.method.models.transformation import ForwardTransformation
+from fct_registry.onnx_boundary.model_card import ModelCard
+from fct_registry.onnx_boundary.model_files import write_model_dir
+from fct_registry.registry.model_registry import ModelRegistry
+from fct_registry.registry.publishing import publish_model
+from fct_registry.registry.versions import RegisteredVersion
+from fct_registry.usecases.sets import build_gallery
+from fct_registry.vectors.batch import EmbeddingBatch
+from fct_registry.vectors.embedding_set import MANIFEST, EmbeddingSet
+from fct_registry.vectors.set_writer import write_embedding_set
 
 IMAGE_SHAPE = (1, 28, 28)
 N_CLASSES, TRAIN_PER_CLASS, TEST_PER_CLASS = 5, 4, 10
@@ -135,7 +139,7 @@ def build_zoo(folder: Path) -> Zoo:
 def start_empty_store(folder: Path) -> Callable[[], Path]:
     """Start creating an empty, migrated MLflow SQLite database in a child process (~8 s of schema migrations,
     overlapping the model exports); the returned function waits for it and gives the database path to copy."""
-    script = ("from fct_registry.model_registry import ModelRegistry; "
+    script = ("from fct_registry.registry.model_registry import ModelRegistry; "
               f"ModelRegistry({str(folder)!r}).versions('backbone')")
     child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True)

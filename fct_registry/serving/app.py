@@ -29,14 +29,14 @@ from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.types import Message, Receive
 
-from fct_registry.errors import DataError, FctError, RuntimeInputError, SearchError, VersionMismatchError
-from fct_registry.gallery import embed_images
-from fct_registry.images import decode_image
-from fct_registry.model_registry import ModelRegistry
-from fct_registry.search import search_set
+from fct_registry.core.errors import DataError, FctError, RuntimeInputError, SearchError, VersionMismatchError
+from fct_registry.onnx_boundary.embedding import embed_images
+from fct_registry.onnx_boundary.images import decode_image
+from fct_registry.registry.model_registry import ModelRegistry
 from fct_registry.serving import DEFAULT_MAX_K, DEFAULT_MAX_UPLOAD_BYTES
 from fct_registry.serving.schemas import EmbeddingQuery, FormK, HealthResponse, InfoResponse, SearchResponse
 from fct_registry.serving.state import ServedPair, ServingState
+from fct_registry.vectors.search import search_set
 
 DEFAULT_K = 10
 _QUERY_ERRORS = (DataError, RuntimeInputError, SearchError, VersionMismatchError)
@@ -106,7 +106,8 @@ def create_app(registry: ModelRegistry, sets_root: str | os.PathLike, alias: str
 def _run_query(pair: ServedPair, embedding: list[float] | None, image: bytes | None, k: int) -> SearchResponse:
     """Embed the image (if any) with the pair's backbone, then search its gallery; bad input -> 422."""
     try:
-        queries = [embedding] if image is None else embed_images(pair.backbone, decode_image(image, *pair.image_size))
+        queries = [embedding] if image is None else embed_images(pair.backbone, decode_image(image, pair.contract),
+                                                                     pair.contract)
         result = search_set(pair.index, queries, pair.version.ref, k)
     except _QUERY_ERRORS as exc:
         raise HTTPException(422, str(exc)) from None

@@ -89,7 +89,7 @@ class InfoResponse(BaseModel):
         return cls(
             backbone=BackboneInfo(
                 alias=pair.alias, name=version.name, version=version.version, label=version.ref.label,
-                sha256=version.ref.sha256, input_shape=[1, *pair.image_size],
+                sha256=version.ref.sha256, input_shape=list(pair.contract.input_shape),
                 embedding_dim=pair.backbone.output_dim, providers=list(pair.backbone.providers),
             ),
             gallery=GalleryInfo(

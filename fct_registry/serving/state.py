@@ -3,7 +3,7 @@
 Queries and gallery must come from the same model version (FCT: Ramanujan et al., CVPR 2022, arXiv 2112.02805:
 compatibility is established by upgrading the stored gallery, never by mixing versions at query time). So the
 service serves a *pair*: the backbone an alias (``champion``) points to, and an exact index over the embedding
-set whose manifest names that backbone's :class:`~fct_registry.embedding_set.ModelRef`. A request reads the
+set whose manifest names that backbone's :class:`~fct_registry.core.refs.ModelRef`. A request reads the
 pair once and uses it throughout; a reload builds a complete new pair before swapping it in.
 """
 
@@ -14,14 +14,14 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from fct_registry.embedding_set import EmbeddingSet
-from fct_registry.errors import RuntimeInputError, SearchError, VersionMismatchError
-from fct_registry.model_registry import ModelRegistry, RegisteredVersion
-from fct_registry.runtime import OnnxModel
-from fct_registry.search import GalleryIndex, index_for_set
-from fct_registry.workflows import gallery_for
-
-IMAGE_INPUT = "image"
+from fct_registry.core.errors import DataError, RuntimeInputError, SearchError, VersionMismatchError
+from fct_registry.onnx_boundary.contract import InputContract
+from fct_registry.onnx_boundary.runtime import OnnxModel
+from fct_registry.registry.model_registry import ModelRegistry
+from fct_registry.registry.versions import RegisteredVersion, input_contract
+from fct_registry.usecases.evaluate import gallery_for
+from fct_registry.vectors.embedding_set import EmbeddingSet
+from fct_registry.vectors.search import GalleryIndex, index_for_set
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,8 @@ class ServedPair:
     Attributes:
         alias: The registry alias the backbone was resolved from, e.g. ``"champion"``.
         version: The backbone's registered version.
-        backbone: ONNX Runtime session: ``image`` (B, 1, H, W) float32 in [0, 1] -> (B, d) float32.
+        backbone: ONNX Runtime session: one image input (B, ...) float32 -> (B, d) float32.
+        contract: How a query image becomes the backbone's input (its registered input contract).
         gallery: The embedding set whose manifest model equals ``version.ref``.
         index: Exact faiss index over the gallery's (n_gallery, d) vectors, metric from its manifest.
     """
@@ -39,14 +40,9 @@ class ServedPair:
     alias: str
     version: RegisteredVersion
     backbone: OnnxModel
+    contract: InputContract
     gallery: EmbeddingSet
     index: GalleryIndex
-
-    @property
-    def image_size(self) -> tuple[int, int]:
-        """(H, W) of the backbone's image input."""
-        _, _, height, width = self.backbone.input_shapes[IMAGE_INPUT]
-        return height, width
 
 
 def matching_set(sets_root: str | os.PathLike, version: RegisteredVersion, alias: str) -> EmbeddingSet:
@@ -69,12 +65,13 @@ def matching_set(sets_root: str | os.PathLike, version: RegisteredVersion, alias
     return EmbeddingSet.open(found.path, verify=True)
 
 
-def _check_image_input(backbone: OnnxModel, version: RegisteredVersion) -> None:
-    shape = backbone.input_shapes.get(IMAGE_INPUT)
-    valid = shape is not None and len(shape) == 4 and shape[1] == 1 and all(isinstance(n, int) for n in shape[2:])
-    if backbone.input_names != (IMAGE_INPUT,) or not valid:
-        raise RuntimeInputError(f"backbone {version} must take one input 'image' of shape (batch, 1, H, W); "
-                                f"got {backbone.input_shapes}")
+def _image_contract(backbone: OnnxModel, version: RegisteredVersion) -> InputContract:
+    if len(backbone.input_names) != 1:
+        raise RuntimeInputError(f"backbone {version} must take one image input; got {backbone.input_shapes}")
+    try:
+        return input_contract(version, backbone.input_shapes[backbone.input_names[0]])
+    except DataError as exc:
+        raise RuntimeInputError(str(exc)) from None
 
 
 def load_pair(registry: ModelRegistry, sets_root: str | os.PathLike, alias: str = "champion",
@@ -91,14 +88,14 @@ def load_pair(registry: ModelRegistry, sets_root: str | os.PathLike, alias: str 
         RegistryError: The alias does not resolve, or the ONNX file cannot be fetched.
         VersionMismatchError: No gallery set was made by the aliased backbone.
         EmbeddingSetError: The gallery set is unreadable or fails verification.
-        RuntimeInputError: The backbone does not load or does not take one (batch, 1, H, W) ``image``.
+        RuntimeInputError: The backbone does not load, takes more than one input, or has no usable input contract.
         SearchError: The gallery's vectors are unusable for its metric.
     """
     version = registry.resolve_alias("backbone", alias)
     gallery = matching_set(sets_root, version, alias)
     backbone = OnnxModel(registry.onnx_path(version), providers=providers)
-    _check_image_input(backbone, version)
-    return ServedPair(alias, version, backbone, gallery, index_for_set(gallery))
+    contract = _image_contract(backbone, version)
+    return ServedPair(alias, version, backbone, contract, gallery, index_for_set(gallery))
 
 
 class ServingState:

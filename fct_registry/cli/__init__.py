@@ -1,0 +1,1 @@
+"""The ``fct-registry`` command line (:data:`fct_registry.cli.app.app`)."""

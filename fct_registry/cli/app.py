@@ -1,0 +1,38 @@
+"""The ``fct-registry`` command line: parse the arguments, call a use case, print the result.
+
+One module per command group (:mod:`fct_registry.cli.models`, ``sets``, ``promote``, ``upgrade``, ``evaluate``,
+``ui``), each a Typer app over the matching :mod:`fct_registry.usecases` module, assembled here. Paths of the
+project (``SET``, ``--out``, ``--data``, ``--sets-root``) are relative to ``--root``; image files are ordinary paths.
+Model versions are an MLflow version number (``3``), a label (``v3``) or an alias (``@champion``). A domain error
+(:class:`~fct_registry.core.errors.FctError`) raised by any command prints one ``error: ...`` line on stderr and
+exits with code 1; a failed command writes nothing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from fct_registry.cli import evaluate, models, promote, sets, ui, upgrade
+from fct_registry.cli.common import Commands, use_project
+
+app = typer.Typer(cls=Commands, no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False,
+                  help="Forward compatible training registry: upgrade stored gallery embeddings to a new backbone "
+                       "through registered ONNX transformations, without reading an image again.")
+app.add_typer(models.app, name="models")
+app.add_typer(sets.app, name="sets")
+for group in (models.lineage_app, promote.app, upgrade.app, evaluate.app, ui.app):
+    app.add_typer(group)
+
+
+@app.callback()
+def main(
+    ctx: typer.Context,
+    root: Annotated[Path, typer.Option(help="Project directory (params.yaml, registry/, data/).")] = Path("."),
+    sets_root: Annotated[Path, typer.Option(help="Folder of embedding sets, relative to --root.")] = Path(
+        "embeddings"),
+) -> None:
+    """Forward compatible training registry."""
+    use_project(ctx, root, sets_root)

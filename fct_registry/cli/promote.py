@@ -1,0 +1,40 @@
+"""``fct-registry promote``: move the champion alias through the compatibility gate."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from fct_registry.cli.common import Project, console, row, table
+from fct_registry.usecases import promote as usecase
+
+app = typer.Typer()
+
+
+@app.command()
+def promote(
+    ctx: typer.Context,
+    version: Annotated[str, typer.Argument(help="Backbone version: number, label or @alias.")],
+    alias: Annotated[str | None, typer.Option(
+        help="Alias to set (default: registry.champion_alias of params.yaml, champion).")] = None,
+    map_floor: Annotated[float | None, typer.Option(
+        min=0.0, max=1.0, help="Minimum registered link mAP of every set's chain (default: "
+                               "registry.promote_map_floor of params.yaml, else 0).")] = None,
+    force: Annotated[bool, typer.Option(help="Set the alias even when a stored set cannot follow.")] = False,
+) -> None:
+    """Point the champion alias at a backbone once every stored set can be upgraded to it."""
+    project: Project = ctx.obj
+    settings = project.settings().registry
+    result = usecase.promote(project.registry(), version, project.sets_root, alias or settings.champion_alias,
+                               settings.promote_map_floor if map_floor is None else map_floor, force)
+    checks = table(f"stored sets -> {result.version.ref}", "set", "model", "chain", "min link mAP", "status")
+    for check in result.checks:
+        chain = ", ".join(edge.transformation for edge in check.chain) or "(already there)"
+        min_map = "" if check.min_map is None else f"{check.min_map:.3f}"
+        row(checks, check.embedding_set.path, check.embedding_set.manifest.model, chain, min_map,
+             check.problem or "ok")
+    out = console()
+    out.print(checks)
+    note = " (forced past failed checks)" if result.forced else ""
+    out.print(f"@{result.alias} -> {result.version}{note}", markup=False)

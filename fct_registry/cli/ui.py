@@ -1,0 +1,46 @@
+"""``fct-registry ui`` and ``serve``: the MLflow UI over the registry, the HTTP search service."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from fct_registry.cli.common import Project, console
+from fct_registry.serving import DEFAULT_MAX_K, DEFAULT_MAX_UPLOAD_BYTES
+from fct_registry.serving.server import serve
+from fct_registry.usecases import ui as usecase
+
+app = typer.Typer()
+
+
+@app.command()
+def ui(
+    ctx: typer.Context,
+    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 5000,
+) -> None:
+    """Run the MLflow UI over the registry (runs, models, tags, aliases) until Ctrl-C."""
+    registry = ctx.obj.registry()
+    console().print(f"MLflow UI on http://{host}:{port} over {registry.tracking_uri} (Ctrl-C stops it)",
+                    markup=False)
+    raise typer.Exit(usecase.run_mlflow_ui(registry, host, port))
+
+
+@app.command("serve")
+def serve_command(
+    ctx: typer.Context,
+    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8000,
+    max_upload_bytes: Annotated[int, typer.Option(help="Largest /search request body, bytes.")]
+    = DEFAULT_MAX_UPLOAD_BYTES,
+    max_k: Annotated[int, typer.Option(help="Largest k a query may ask for.")] = DEFAULT_MAX_K,
+) -> None:
+    """Serve gallery search over HTTP with the champion backbone until Ctrl-C.
+
+    Refuses to start unless a set under --sets-root was made by the champion (upgrade the gallery first).
+    POST /reload after a promote and upgrade swaps in the new champion and its gallery.
+    """
+    project: Project = ctx.obj
+    serve(project.registry(), project.sets_root, host, port, project.settings().registry.champion_alias,
+          max_upload_bytes, max_k)

@@ -1,0 +1,1 @@
+"""Foundations: domain errors, typed params (params.yaml), the identity of a model version."""

@@ -1,0 +1,219 @@
+"""The MLflow side of the registry: the only module that imports mlflow.
+
+:class:`MlflowStore` turns MLflow's client and fluent APIs into a few plain operations (search versions, aliases,
+tags, log a run, log + register an ONNX file, download it) and MLflow's exceptions into
+:class:`~fct_registry.core.errors.RegistryError` with one line. The default store needs no server: SQLite at
+``<root>/registry/mlflow.db`` with artifacts under ``<root>/registry/artifacts``. Aliases (e.g. ``champion``) replace
+the deprecated stages and are resolved only through ``MlflowClient.get_model_version_by_alias``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from fct_registry.core.errors import RegistryError
+from fct_registry.core.refs import ModelRef
+from fct_registry.registry.versions import RegisteredVersion, format_tags, version_from_tags
+
+EXPERIMENT_NAME = "fct-registry"
+
+
+def default_tracking_uri(root: str | os.PathLike) -> str:
+    """The embedded store: ``sqlite:///<root>/registry/mlflow.db`` (absolute path)."""
+    return f"sqlite:///{Path(root).resolve() / 'registry' / 'mlflow.db'}"
+
+
+class MlflowStore:
+    """MLflow tracking + model registry behind one URI; nothing is opened until first use.
+
+    Args:
+        tracking_uri: Tracking and registry URI (``sqlite:///...``, ``http://host:port``, ...).
+        local_root: For the embedded SQLite store, the folder that holds ``mlflow.db`` and ``artifacts/``
+            (created on first use); None for a remote store.
+    """
+
+    def __init__(self, tracking_uri: str, local_root: Path | None = None) -> None:
+        self.tracking_uri = tracking_uri
+        self.local_root = local_root
+        self._experiment: str | None = None
+
+    @cached_property
+    def client(self) -> Any:
+        """``MlflowClient`` bound to :attr:`tracking_uri` (opening a SQLite store creates it)."""
+        from mlflow import MlflowClient
+
+        if self.local_root is not None:
+            self.local_root.mkdir(parents=True, exist_ok=True)
+        return MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
+
+    def search_versions(self, filter_string: str) -> list[RegisteredVersion]:
+        """Model versions matching an MLflow filter string (without aliases: search results carry none)."""
+        return [_to_version(mv) for mv in self.client.search_model_versions(filter_string)]
+
+    def aliases(self, name: str) -> dict[str, int]:
+        """``{alias: version number}`` of a registered model."""
+        return {alias: int(number) for alias, number in self.client.get_registered_model(name).aliases.items()}
+
+    def version_by_alias(self, name: str, alias: str) -> RegisteredVersion:
+        """The version ``alias`` points to.
+
+        Raises:
+            RegistryError: the alias was never set, or its version was deleted.
+        """
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return _to_version(self.client.get_model_version_by_alias(name, alias))
+        except MlflowException as e:
+            raise RegistryError(f"alias {alias!r} of {name} points to no existing version (never set, or its "
+                                f"version was deleted): {first_line(e)}") from e
+
+    def set_alias(self, version: RegisteredVersion, alias: str) -> None:
+        """Point ``alias`` at ``version``.
+
+        Raises:
+            RegistryError: MLflow refuses the alias name (``v<n>`` is reserved by MLflow).
+        """
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.set_registered_model_alias(version.name, alias, str(version.version))
+        except MlflowException as e:
+            raise RegistryError(f"cannot set alias {alias!r} on {version}: {first_line(e)}") from e
+
+    def set_tags(self, version: RegisteredVersion, tags: Mapping[str, str]) -> None:
+        """Add or overwrite string tags of a version."""
+        for key, value in tags.items():
+            self.client.set_model_version_tag(version.name, str(version.version), key, value)
+
+    def log_run(self, name: str, params: Mapping[str, Any], tags: Mapping[str, Any],
+                artifacts: Iterable[str | os.PathLike] = (), metrics: Mapping[str, float] | None = None) -> str:
+        """Record a finished piece of work as a run of the ``fct-registry`` experiment; returns the run id.
+
+        Tags are formatted as in :func:`~fct_registry.registry.versions.format_tags`; a directory artifact keeps
+        its name. The run ends FINISHED, or FAILED when logging raised.
+        """
+        from mlflow.entities import Metric, Param
+
+        run_id = self.client.create_run(self._experiment_id(), run_name=name, tags=format_tags(tags)).info.run_id
+        status = "FAILED"
+        try:
+            now = int(time.time() * 1000)
+            self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in (metrics or {}).items()],
+                                  params=[Param(k, str(v)) for k, v in params.items()])
+            for artifact in map(Path, artifacts):
+                if artifact.is_dir():
+                    self.client.log_artifacts(run_id, str(artifact), artifact_path=artifact.name)
+                else:
+                    self.client.log_artifact(run_id, str(artifact))
+            status = "FINISHED"
+        finally:
+            self.client.set_terminated(run_id, status)
+        return run_id
+
+    def register_onnx(self, path: Path, name: str, ref: ModelRef, tags: Mapping[str, str],
+                      params: Mapping[str, Any], metrics: Mapping[str, float]) -> RegisteredVersion:
+        """Log ONNX bytes with MLflow's ONNX flavor in a new run and register them as a version of ``name``.
+
+        Raises:
+            RegistryError: MLflow refuses the run or the version (e.g. an invalid param name).
+        """
+        from mlflow.exceptions import MlflowException
+
+        # The registry store itself resolves ``models:/<id>`` through the process-wide URI.
+        with _fluent_tracking_uri(self.tracking_uri):
+            try:
+                model_uri, model_id, run_id = self._log_onnx(path, name, ref, tags, params, metrics)
+                return self._create_version(name, model_uri, model_id, run_id, tags)
+            except MlflowException as e:
+                raise RegistryError(f"cannot register {path} as {name} {ref}: {first_line(e)}") from e
+
+    def download_onnx(self, version: RegisteredVersion, dst: Path) -> Path:
+        """Download a version's model folder into ``dst``; returns the path of its ONNX file there.
+
+        Raises:
+            RegistryError: the artifact cannot be downloaded.
+        """
+        import mlflow.artifacts
+        from mlflow.exceptions import MlflowException
+        from mlflow.models import Model
+
+        try:
+            uri = self.client.get_model_version_download_uri(version.name, str(version.version))
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst),
+                                                             tracking_uri=self.tracking_uri))
+        except (MlflowException, OSError) as e:
+            raise RegistryError(f"cannot download {version}: {first_line(e)}") from e
+        return local / Model.load(str(local / "MLmodel")).flavors["onnx"]["data"]
+
+    def _experiment_id(self) -> str:
+        """Id of the ``fct-registry`` experiment (artifacts under ``<local_root>/artifacts`` for SQLite)."""
+        if self._experiment is None:
+            found = self.client.get_experiment_by_name(EXPERIMENT_NAME)
+            if found is not None:
+                self._experiment = found.experiment_id
+            else:
+                location = (self.local_root / "artifacts").as_uri() if self.local_root is not None else None
+                self._experiment = self.client.create_experiment(EXPERIMENT_NAME, artifact_location=location)
+        return self._experiment
+
+    def _log_onnx(self, path: Path, name: str, ref: ModelRef, tags: Mapping[str, str], params: Mapping[str, Any],
+                  metrics: Mapping[str, float]) -> tuple[str, str, str]:
+        """Log the ONNX bytes (ONNX flavor, no external data) in a new run; returns (uri, model id, run id)."""
+        import mlflow
+        import mlflow.onnx
+
+        with mlflow.start_run(experiment_id=self._experiment_id(), run_name=f"register {name} {ref}") as run:
+            mlflow.set_tags(tags)
+            mlflow.log_params({k: str(v) for k, v in params.items()})
+            mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
+            info = mlflow.onnx.log_model(path.read_bytes(), name="model", save_as_external_data=False,
+                                         pip_requirements=mlflow.onnx.get_default_pip_requirements())
+        return info.model_uri, info.model_id, run.info.run_id
+
+    def _create_version(self, name: str, model_uri: str, model_id: str, run_id: str, tags: Mapping[str, str]
+                        ) -> RegisteredVersion:
+        """Create the registered model if needed, then one version carrying all its tags at once."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.create_registered_model(name)
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise RegistryError(f"cannot create registered model {name}: {first_line(e)}") from e
+        mv = self.client.create_model_version(name, source=model_uri, run_id=run_id, tags=dict(tags),
+                                              model_id=model_id)
+        return _to_version(mv)
+
+
+def _to_version(mv: Any) -> RegisteredVersion:
+    return version_from_tags(mv.name, mv.version, mv.tags, mv.aliases)
+
+
+@contextmanager
+def _fluent_tracking_uri(uri: str) -> Iterator[None]:
+    """Point MLflow's process-wide tracking URI at ``uri`` for the block, then restore it.
+
+    ``mlflow.set_tracking_uri`` also exports ``MLFLOW_TRACKING_URI``; restoring the variable's previous value
+    (None unsets both) leaves the process as it was.
+    """
+    import mlflow
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before)
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (its type name when the message is empty)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -1,0 +1,1 @@
+"""Use cases: one module per command group; functions take library objects, return results and print nothing."""

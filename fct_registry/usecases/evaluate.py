@@ -1,0 +1,117 @@
+"""Use cases of ``fct-registry evaluate`` and ``search``: score a query model against a stored gallery, find the
+nearest gallery items of query images."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fct_registry.core.errors import SearchError
+from fct_registry.method.data import load_prepared
+from fct_registry.onnx_boundary.embedding import embed_images
+from fct_registry.onnx_boundary.images import read_image
+from fct_registry.onnx_boundary.runtime import OnnxModel
+from fct_registry.registry.model_registry import ModelRegistry
+from fct_registry.registry.versions import RegisteredVersion, input_contract
+from fct_registry.usecases.project import sets_under
+from fct_registry.vectors.embedding_set import EmbeddingSet, require_same_model
+from fct_registry.vectors.metrics import retrieval_metrics
+from fct_registry.vectors.search import SearchResult, index_for_set, search_set
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Retrieval of one query model against one gallery set.
+
+    Attributes:
+        query: The backbone that embedded the query images.
+        gallery: The gallery set.
+        n_query: Number of query images.
+        metrics: ``cmc_top<k>`` and ``map``, fractions in [0, 1] (protocol of :mod:`fct_registry.vectors.metrics`).
+    """
+
+    query: RegisteredVersion
+    gallery: EmbeddingSet
+    n_query: int
+    metrics: dict[str, float]
+
+
+def evaluate_gallery(registry: ModelRegistry, query_version: str, gallery: EmbeddingSet, data_dir: str | os.PathLike,
+                     split: str = "test", top_k: Sequence[int] = (1, 5)) -> Evaluation:
+    """CMC top-k and mAP of a split's images, embedded by a registered backbone, against a stored gallery set.
+
+    Query images (N, C, H, W) uint8 are scaled to [0, 1] and embedded with the version's ONNX file (ONNX
+    Runtime). A query's own gallery item (same item id) is excluded; distances use the set's metric.
+
+    Raises:
+        RegistryError: unknown version.
+        VersionMismatchError: the query model differs from the set's model (upgrade the set first).
+        DataError: the prepared split is missing.
+        SearchError: bad labels or top_k.
+    """
+    query = registry.get("backbone", query_version)
+    require_same_model(query.ref, gallery.manifest.model)
+    images = load_prepared(Path(data_dir), split)
+    model = OnnxModel(registry.onnx_path(query))
+    vectors = embed_images(model, images.images, input_contract(query, model.input_shapes[model.input_names[0]]))
+    stored = gallery.read()
+    metrics = retrieval_metrics(vectors, images.labels, stored.embeddings, stored.labels, gallery.manifest.metric,
+                                query_ids=images.item_ids, gallery_ids=stored.ids, top_k=top_k)
+    return Evaluation(query, gallery, len(images), metrics)
+
+
+@dataclass(frozen=True)
+class ImageSearch:
+    """Top-k gallery items for query images: the backbone used, the gallery set, and ids/scores per image
+    (``result.ids`` (n_query, k) int64, ``result.scores`` (n_query, k) float32, larger is better)."""
+
+    model: RegisteredVersion
+    gallery: EmbeddingSet
+    result: SearchResult
+
+
+def gallery_for(model: RegisteredVersion, sets_root: str | os.PathLike) -> EmbeddingSet:
+    """The first set under ``sets_root`` (by path) whose vectors come from ``model``.
+
+    Raises:
+        SearchError: no set there is at ``model`` (names the sets that exist and their models).
+    """
+    sets = sets_under(sets_root)
+    for embedding_set in sets:
+        if embedding_set.manifest.model == model.ref:
+            return embedding_set
+    found = ", ".join(f"{s.path.name} ({s.manifest.model})" for s in sets) or "none"
+    raise SearchError(f"no embedding set under {sets_root} is at {model.ref}; sets: {found} (run upgrade first)")
+
+
+def search_images(registry: ModelRegistry, images: Sequence[str | os.PathLike], k: int, model_version: str,
+                  sets_root: str | os.PathLike, gallery: EmbeddingSet | None = None) -> ImageSearch:
+    """Embed query images with a registered backbone and search a gallery set at that backbone.
+
+    Args:
+        registry: The model registry.
+        images: PNG/JPEG files; each is decoded and prepared as the backbone's input contract says.
+        k: Neighbours per image, 1 <= k <= n_gallery.
+        model_version: The backbone (number, label or ``@alias``, e.g. ``@champion``).
+        sets_root: Where to look for a gallery when none is given.
+        gallery: The set to search; None picks the first set under ``sets_root`` at the backbone.
+
+    Raises:
+        RegistryError: unknown version or alias.
+        DataError: an image is missing or not PNG/JPEG.
+        VersionMismatchError: ``gallery`` holds vectors of another model.
+        SearchError: no gallery at the backbone, or bad ``k``.
+    """
+    model = registry.get("backbone", model_version)
+    if gallery is None:
+        gallery = gallery_for(model, sets_root)
+    require_same_model(model.ref, gallery.manifest.model)
+    onnx_model = OnnxModel(registry.onnx_path(model))
+    contract = input_contract(model, onnx_model.input_shapes[onnx_model.input_names[0]])
+    pixels = np.concatenate([read_image(path, contract) for path in images])
+    queries = embed_images(onnx_model, pixels, contract)
+    return ImageSearch(model, gallery, search_set(index_for_set(gallery), queries, model.ref, k))

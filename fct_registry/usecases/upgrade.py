@@ -1,0 +1,135 @@
+"""Use case of ``fct-registry upgrade``: plan the chain of registered transformations and run it over a set.
+
+Upgrades follow FCT (Ramanujan et al., CVPR 2022, arXiv 2112.02805): a stored gallery is brought to a newer backbone
+by a chain of registered forward transformations, with no image read again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Literal
+
+from fct_registry.core.errors import RegistryError
+from fct_registry.engines.chain import ChainStep, Progress
+from fct_registry.engines.run import check_upgrade, upgrade_set
+from fct_registry.registry.chains import Edge, plan_chain
+from fct_registry.registry.model_registry import ModelRegistry
+from fct_registry.registry.versions import RegisteredVersion
+from fct_registry.vectors.embedding_set import MANIFEST, EmbeddingSet
+
+
+def plan_upgrade(registry: ModelRegistry, embedding_set: EmbeddingSet, target: RegisteredVersion) -> list[ChainStep]:
+    """Plan the chain of registered transformations from the set's backbone to ``target``.
+
+    Uses :func:`chains.plan_chain` (fewest hops, then best minimum link mAP) over the transformations whose
+    side-info model the set stores, and fetches each transformation's ONNX file from the registry.
+
+    Args:
+        registry: The model registry.
+        embedding_set: The stored set (its manifest is read; embeddings (count, d) float32 of its model).
+        target: The backbone version to upgrade to.
+
+    Returns:
+        One :class:`ChainStep` per hop, in application order.
+
+    Raises:
+        RegistryError: the set's model is not a registered backbone, or an ONNX artifact is corrupted.
+        ChainError: the set is already at or beyond ``target``, no chain exists, or every chain needs
+            side-info the set does not store.
+    """
+    manifest = embedding_set.manifest
+    try:
+        registry.find("backbone", manifest.model)
+    except RegistryError as exc:
+        raise RegistryError(f"set {embedding_set.path}: {exc}") from exc
+    side_info = [manifest.side_info_model] if manifest.side_info_model is not None else []
+    edges = plan_chain(manifest.model, target.ref, registry.transformation_edges(), available_side_info=side_info)
+    return [_chain_step(registry, edge) for edge in edges]
+
+
+def _chain_step(registry: ModelRegistry, edge: Edge) -> ChainStep:
+    name, _, number = edge.transformation.rpartition("/")
+    version = registry.get("transformation", number)
+    return ChainStep(onnx_path=registry.onnx_path(version), source=edge.source, target=edge.target,
+                     side_info=edge.side_info, name=f"{name}/{number}")
+
+
+def default_output(sets_root: str | os.PathLike, source: EmbeddingSet, target: RegisteredVersion) -> Path:
+    """``<sets_root>/<source name>@<target label>``; a source name's own ``@label`` suffix is dropped
+    (``gallery_v1@v2`` upgraded to v3 -> ``gallery_v1@v3``)."""
+    return Path(sets_root) / f"{source.path.name.split('@')[0]}@{target.ref.label}"
+
+
+def run_upgrade(registry: ModelRegistry, source: EmbeddingSet, target: RegisteredVersion,
+                dest: str | os.PathLike, engine: Literal["local", "ray"] = "local", address: str | None = None,
+                progress: Progress | None = None, dry_run: bool = False, batch_rows: int = 65536,
+                on_plan: Callable[[list[ChainStep]], None] | None = None
+                ) -> tuple[list[ChainStep], EmbeddingSet | None]:
+    """Plan, validate and run the upgrade of a stored set to ``target``, and record it as an MLflow run.
+
+    Everything that can be checked before writing is checked first (set verified, chain planned, every ONNX file
+    loaded and its input widths matched to the set and the previous link, ``dest`` free); a dry run stops
+    there. The upgrade then streams the set through the chain (see :func:`~fct_registry.engines.run.upgrade_set`:
+    memory flat in
+    the set's size, written atomically) and a run of the ``fct-registry`` experiment records the input set
+    (path, model, count, manifest sha256), the chain (transformation versions) and the output set.
+
+    Args:
+        registry: The model registry.
+        source: The opened stored set, embeddings (count, d) float32 of a registered backbone; its shards
+            are verified once, here.
+        target: The backbone version to upgrade to.
+        dest: Where the upgraded set, embeddings (count, d_target) float32, is written; must not exist.
+        engine: ``"local"`` (ONNX Runtime in this process) or ``"ray"`` (Ray Data actors).
+        address: Ray engine only: cluster address; None starts a local Ray.
+        progress: Optional ``progress(rows_done, rows_total)`` callback.
+        dry_run: Plan and validate only; nothing is written or recorded.
+        batch_rows: Rows per batch fed to ONNX Runtime.
+        on_plan: Optional callback given the validated steps before any row is processed (e.g. to print them).
+
+    Returns:
+        ``(steps, output set)``; the output is None for a dry run.
+
+    Raises:
+        EmbeddingSetError: the set is missing or fails verification.
+        RegistryError: unknown set model or a corrupted ONNX artifact.
+        ChainError: already at or beyond ``target``, no chain, or side-info the set lacks.
+        UpgradeError: ``dest`` exists, an ONNX file does not load, link widths differ, or NaN/inf vectors.
+    """
+    dest = Path(dest)
+    steps = plan_upgrade(registry, source, target)
+    models = check_upgrade(source, steps, dest)
+    if on_plan is not None:
+        on_plan(steps)
+    if dry_run:
+        return steps, None
+    started = time.perf_counter()
+    output = upgrade_set(source, steps, dest, batch_rows=batch_rows, engine=engine, progress=progress,
+                         address=address, models=models)
+    _record_upgrade(registry, source, steps, output, engine, time.perf_counter() - started)
+    return steps, output
+
+
+def _manifest_sha256(embedding_set: EmbeddingSet) -> str:
+    return hashlib.sha256((embedding_set.path / MANIFEST).read_bytes()).hexdigest()
+
+
+def _record_upgrade(registry: ModelRegistry, source: EmbeddingSet, steps: Sequence[ChainStep],
+                    output: EmbeddingSet, engine: str, seconds: float) -> str:
+    chain = [step.name for step in steps]
+    params = {
+        "input_set": str(source.path.resolve()), "input_model": str(source.manifest.model),
+        "input_count": source.manifest.count, "input_manifest_sha256": _manifest_sha256(source),
+        "chain": " -> ".join(chain), "output_set": str(output.path.resolve()),
+        "output_model": str(output.manifest.model), "output_manifest_sha256": _manifest_sha256(output),
+        "engine": engine,
+    }
+    tags = {"kind": "upgrade", "chain": chain, "source_label": source.manifest.model.label,
+            "target_label": output.manifest.model.label}
+    metrics = {"rows": output.manifest.count, "seconds": seconds, "rows_per_second": output.manifest.count / seconds}
+    name = f"upgrade {source.path.name} {source.manifest.model.label} -> {output.manifest.model.label}"
+    return registry.log_run(name, params=params, tags=tags, metrics=metrics)

@@ -1,0 +1,130 @@
+"""The compatibility table: every (query model, gallery) case of FCT's evaluation, aggregated over seeds,
+written as a Markdown table and a bar chart.
+
+Cases are named ``<query>_vs_<gallery>`` (FCT, Ramanujan et al., CVPR 2022, Table 1): ``old_vs_old``,
+``new_vs_new``, ``new_vs_old``, ``bct_vs_old``, ``bct_vs_bct``, ``new_vs_upgraded_noside``,
+``new_vs_upgraded``, ``v3_vs_v3``, ``v3_vs_upgraded_chain``, ``v3_vs_upgraded_direct``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from fct_registry.core.errors import SearchError
+
+Metrics = dict[str, float]
+
+
+def mean_std(runs: Sequence[Metrics]) -> Metrics:
+    """Mean of each metric over runs (e.g. seeds of h), plus ``<key>_std`` (sample std, ddof=1) and ``n_seeds``.
+
+    A single run gets no ``_std`` keys.
+    """
+    keys = list(runs[0])
+    out = {k: float(np.mean([r[k] for r in runs])) for k in keys}
+    if len(runs) > 1:
+        out |= {f"{k}_std": float(np.std([r[k] for r in runs], ddof=1)) for k in keys}
+    out["n_seeds"] = float(len(runs))
+    return out
+
+
+def summary(cases: dict[str, Metrics]) -> dict[str, float]:
+    """Headline numbers: fraction of the old->new gap closed by FCT (with and without side-info) and side-info's gain.
+
+    Keys: ``fct_gap_closed_top1``, ``fct_gap_closed_map``, ``noside_gap_closed_top1``,
+    ``noside_gap_closed_map``, ``side_info_gain_top1``, ``side_info_gain_map`` (fractions; gains in absolute
+    fraction points), and ``fct_minus_bct_top1`` (FCT's cross-model top-1 minus BCT's) when BCT ran.
+    """
+    old, new = cases["old_vs_old"], cases["new_vs_new"]
+    out = {}
+    for name, case in (("fct", "new_vs_upgraded"), ("noside", "new_vs_upgraded_noside")):
+        for metric, key in (("top1", "cmc_top1"), ("map", "map")):
+            out[f"{name}_gap_closed_{metric}"] = gap_closed(old[key], new[key], cases[case][key])
+    for metric, key in (("top1", "cmc_top1"), ("map", "map")):
+        out[f"side_info_gain_{metric}"] = cases["new_vs_upgraded"][key] - cases["new_vs_upgraded_noside"][key]
+    if "bct_vs_old" in cases:
+        out["fct_minus_bct_top1"] = cases["new_vs_upgraded"]["cmc_top1"] - cases["bct_vs_old"]["cmc_top1"]
+    return out
+
+
+def compatibility_table(cases: Mapping[str, Mapping[str, float]]) -> str:
+    """Markdown table, one row per case (e.g. ``old_vs_old``, ``new_vs_upgraded``), one column per metric.
+
+    Columns are the metric keys in first-seen order; values are printed as fractions with 4 decimals
+    (``0.6840``), a metric missing from a case as ``-``.
+
+    Args:
+        cases: ``{case name: {metric key: value}}``.
+
+    Returns:
+        The table as a string: header, separator and one line per case, newline-terminated.
+
+    Raises:
+        SearchError: ``cases`` is empty.
+    """
+    names = _metric_names(cases)
+    lines = ["| case | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    for case, values in cases.items():
+        cells = [f"{values[n]:.4f}" if n in values else "-" for n in names]
+        lines.append(f"| {case} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def gap_closed(old: float, new: float, fct: float) -> float:
+    """Fraction of the old->new gap closed by FCT: ``(fct - old) / (new - old)``.
+
+    FCT reports e.g. ImageNet CMC top-1 old/old 46.4, new/new 68.4, FCT 65.1 -> 0.85 (arXiv 2112.02805, Sec. 5).
+    Values may be fractions or percentages (the ratio is the same); the result is 1.0 when FCT matches the
+    new model, 0.0 when it matches the old one, and can leave [0, 1].
+
+    Raises:
+        SearchError: ``new == old`` (no gap to close).
+    """
+    if new == old:
+        raise SearchError(f"new == old == {old}: there is no gap to close")
+    return (fct - old) / (new - old)
+
+
+def plot_cases(cases: Mapping[str, Mapping[str, float]], path: str | os.PathLike) -> Path:
+    """Grouped bar chart (PNG) of the cases' metrics: one group per case, one bar per metric, y in [0, 1].
+
+    Rendered with matplotlib's Agg canvas (no display, no global backend change); parent dirs are created.
+
+    Args:
+        cases: ``{case name: {metric key: fraction}}``; a missing metric leaves a gap.
+        path: output file, written as PNG.
+
+    Returns:
+        ``path`` as a Path.
+
+    Raises:
+        SearchError: ``cases`` is empty.
+    """
+    from matplotlib.figure import Figure
+
+    names = _metric_names(cases)
+    width = 0.8 / len(names)
+    positions = np.arange(len(cases))
+    fig = Figure(figsize=(max(4.0, 1.5 * len(cases)), 3.5), layout="constrained")
+    ax = fig.add_subplot()
+    for i, name in enumerate(names):
+        heights = [values.get(name, np.nan) for values in cases.values()]
+        ax.bar(positions + (i - (len(names) - 1) / 2) * width, heights, width, label=name)
+    ax.set_xticks(positions, list(cases), rotation=20)
+    ax.set_ylim(0.0, 1.0)
+    ax.set_ylabel("fraction")
+    ax.legend(fontsize="small")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", dpi=120)
+    return path
+
+
+def _metric_names(cases: Mapping[str, Mapping[str, float]]) -> list[str]:
+    if not cases:
+        raise SearchError("cases is empty: expected at least one {case: {metric: value}} entry")
+    return list(dict.fromkeys(name for values in cases.values() for name in values))

@@ -1,0 +1,172 @@
+"""On-disk embedding sets: ``<dir>/manifest.json`` plus Parquet shards ``part-00000.parquet``, ..., written atomically.
+
+Shard columns: ``item_id`` int64, ``label`` int64 (-1 = unknown), ``embedding`` fixed_size_list<float32>[d] and
+optionally ``side_info`` fixed_size_list<float32>[d_side] (FCT side-information: Ramanujan et al., CVPR 2022,
+arXiv 2112.02805, Sec. 3.2). All vectors of a set come from one model version, named by a :class:`ModelRef`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from fct_registry.core.errors import EmbeddingSetError, VersionMismatchError
+from fct_registry.core.refs import ModelRef
+from fct_registry.vectors.batch import EmbeddingBatch
+
+MANIFEST = "manifest.json"
+TEMP_SUFFIX = r"\.(new|old)-[0-9a-f]{32}"
+
+
+class ShardInfo(BaseModel):
+    """One Parquet shard of a set: file name inside the set dir, row count, sha256 of the file bytes."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    file: str = Field(pattern=r"^part-\d{5}\.parquet$")
+    rows: int = Field(gt=0)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class EmbeddingSetManifest(BaseModel):
+    """Contents of ``manifest.json``: which model made the vectors, their shape, metric and shards."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    format_version: Literal[1] = 1
+    model: ModelRef
+    side_info_model: ModelRef | None = None
+    dim: int = Field(gt=0)
+    side_info_dim: int | None = Field(default=None, gt=0)
+    dtype: Literal["float32"] = "float32"
+    count: int = Field(gt=0)
+    metric: Literal["l2", "cosine"]
+    normalized: bool
+    shards: list[ShardInfo]
+    lineage: list[str]
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _matrix_from_arrow(column: pa.Array, width: int, name: str) -> np.ndarray:
+    if column.type.list_size != width:
+        raise EmbeddingSetError(f"column {name} has width {column.type.list_size}, manifest says {width}")
+    return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, width).copy()
+
+
+class EmbeddingSet:
+    """A stored embedding set (``.path``, ``.manifest``); load with :meth:`open`, create with
+    :func:`write_embedding_set`."""
+
+    def __init__(self, path: Path, manifest: EmbeddingSetManifest) -> None:
+        self.path = path
+        self.manifest = manifest
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, verify: bool = True) -> EmbeddingSet:
+        """Load the set at ``path``; with ``verify`` check every shard's sha256 and row count.
+
+        Raises:
+            EmbeddingSetError: missing or invalid manifest, missing shard, checksum or row-count mismatch.
+        """
+        path = Path(path)
+        try:
+            text = (path / MANIFEST).read_text()
+        except OSError as exc:
+            raise EmbeddingSetError(f"cannot read {path / MANIFEST}: {exc.strerror}") from None
+        try:
+            manifest = EmbeddingSetManifest.model_validate_json(text)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            raise EmbeddingSetError(f"invalid {path / MANIFEST}: {first['loc']}: {first['msg']}") from None
+        embedding_set = cls(path, manifest)
+        if verify:
+            embedding_set.verify()
+        return embedding_set
+
+    @property
+    def shard_paths(self) -> list[Path]:
+        """Absolute paths of the shards, in row order."""
+        return [self.path / shard.file for shard in self.manifest.shards]
+
+    def verify(self) -> None:
+        """Check shard sha256s, per-shard row counts and the total count against the manifest.
+
+        Raises:
+            EmbeddingSetError: naming the first shard file that is missing or does not match.
+        """
+        for shard, file in zip(self.manifest.shards, self.shard_paths, strict=False):
+            try:
+                digest = _file_sha256(file)
+            except OSError as exc:
+                raise EmbeddingSetError(f"cannot read shard {file}: {exc.strerror}") from None
+            if digest != shard.sha256:
+                raise EmbeddingSetError(f"shard {file} sha256 does not match the manifest (corrupted)")
+            rows = pq.read_metadata(file).num_rows
+            if rows != shard.rows:
+                raise EmbeddingSetError(f"shard {file} has {rows} rows, manifest says {shard.rows}")
+        total = sum(shard.rows for shard in self.manifest.shards)
+        if total != self.manifest.count:
+            raise EmbeddingSetError(f"shards of {self.path} hold {total} rows, manifest count is "
+                                    f"{self.manifest.count}")
+
+    def _to_batch(self, table: pa.RecordBatch) -> EmbeddingBatch:
+        m = self.manifest
+        side = None
+        if m.side_info_dim is not None:
+            side = _matrix_from_arrow(table.column("side_info"), m.side_info_dim, "side_info")
+        return EmbeddingBatch(table.column("item_id").to_numpy().copy(), table.column("label").to_numpy().copy(),
+                              _matrix_from_arrow(table.column("embedding"), m.dim, "embedding"), side)
+
+    def read(self) -> EmbeddingBatch:
+        """Load the whole set: ids (count,), labels (count,), embeddings (count, d) float32, side_info."""
+        table = pa.concat_tables(pq.read_table(p) for p in self.shard_paths).combine_chunks()
+        return self._to_batch(table.to_batches()[0])
+
+    def iter_batches(self, rows: int = 65536) -> Iterator[EmbeddingBatch]:
+        """Yield the set in row order as batches of at most ``rows`` items (memory bounded by ``rows``).
+
+        Raises:
+            EmbeddingSetError: ``rows`` < 1.
+        """
+        if rows < 1:
+            raise EmbeddingSetError(f"rows must be >= 1, got {rows}")
+        for file in self.shard_paths:
+            with pq.ParquetFile(file) as parquet:
+                for record_batch in parquet.iter_batches(batch_size=rows):
+                    yield self._to_batch(record_batch)
+
+
+def list_embedding_sets(root: str | os.PathLike, verify: bool = False) -> list[EmbeddingSet]:
+    """All sets under ``root`` (any depth), sorted by path; ``.tmp-*`` dirs of unfinished writes are skipped.
+
+    Raises:
+        EmbeddingSetError: a listed set has an invalid manifest (or fails verification with ``verify``).
+    """
+    root = Path(root)
+    manifests = sorted(root.rglob(MANIFEST))
+    dirs = [m.parent for m in manifests if not any(p.startswith(".tmp-") for p in m.relative_to(root).parts)]
+    return [EmbeddingSet.open(d, verify=verify) for d in dirs]
+
+
+def require_same_model(query_model: ModelRef, gallery_model: ModelRef) -> None:
+    """Refuse to compare query and gallery vectors produced by different model versions.
+
+    Raises:
+        VersionMismatchError: naming both refs when ``query_model != gallery_model``.
+    """
+    if query_model != gallery_model:
+        raise VersionMismatchError(f"query model {query_model} differs from gallery model {gallery_model}; "
+                                   "upgrade the gallery or re-embed the queries with one model")

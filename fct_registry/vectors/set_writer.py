@@ -1,0 +1,180 @@
+"""Writing an embedding set: Parquet shards and ``manifest.json`` in a temp dir beside the target, renamed in.
+
+Killed at any moment, a write leaves the previous contents of the path intact and no partial set; the next write
+to the same path removes the leftover temp dir first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from fct_registry.core.errors import EmbeddingSetError
+from fct_registry.core.refs import ModelRef
+from fct_registry.vectors.batch import EmbeddingBatch, concat_batches, slice_batch
+from fct_registry.vectors.embedding_set import MANIFEST, TEMP_SUFFIX, EmbeddingSet, EmbeddingSetManifest, ShardInfo
+
+
+def _fixed_list(matrix: np.ndarray) -> pa.FixedSizeListArray:
+    return pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), matrix.shape[1])
+
+
+def _shard_bytes(batch: EmbeddingBatch) -> bytes:
+    columns = {"item_id": pa.array(batch.ids), "label": pa.array(batch.labels),
+               "embedding": _fixed_list(batch.embeddings)}
+    if batch.side_info is not None:
+        columns["side_info"] = _fixed_list(batch.side_info)
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.table(columns), sink)
+    return sink.getvalue().to_pybytes()
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _temp_dirs(path: Path) -> list[Path]:
+    pattern = re.compile(r"\.tmp-" + re.escape(path.name) + TEMP_SUFFIX)
+    return [p for p in path.parent.glob(".tmp-*") if pattern.fullmatch(p.name)]
+
+
+def _check_batch(batch: EmbeddingBatch, first: EmbeddingBatch, normalized: bool) -> None:
+    for name in ("embeddings", "side_info"):
+        want, got = getattr(first, name), getattr(batch, name)
+        if (want is None) != (got is None):
+            raise EmbeddingSetError("side_info is present in some batches and missing in others")
+        if got is not None and got.shape[1] != want.shape[1]:
+            raise EmbeddingSetError(f"{name} dim changed from {want.shape[1]} to {got.shape[1]} between batches")
+        if got is not None and not np.isfinite(got).all():
+            bad = int(batch.ids[~np.isfinite(got).all(axis=1)][0])
+            raise EmbeddingSetError(f"{name} of item_id {bad} contain NaN or inf")
+    if normalized:
+        norms = np.linalg.norm(batch.embeddings, axis=1)
+        if not np.allclose(norms, 1.0, atol=1e-3):
+            worst = norms[np.abs(norms - 1.0).argmax()]
+            raise EmbeddingSetError(f"normalized=True but an embedding has L2 norm {worst:.6f}")
+
+
+def _check_unique(id_arrays: list[np.ndarray]) -> None:
+    ids = np.sort(np.concatenate(id_arrays))
+    dup = ids[1:][ids[1:] == ids[:-1]]
+    if len(dup):
+        raise EmbeddingSetError(f"duplicate item_id {int(dup[0])}")
+
+
+def _write_shards(tmp: Path, batches: Iterable[EmbeddingBatch], normalized: bool,
+                  shard_rows: int) -> tuple[EmbeddingBatch, list[ShardInfo], list[np.ndarray]]:
+    first, shards, ids, pending, pending_rows = None, [], [], [], 0
+
+    def flush(batch: EmbeddingBatch) -> None:
+        data = _shard_bytes(batch)
+        file = f"part-{len(shards):05d}.parquet"
+        _write_file(tmp / file, data)
+        shards.append(ShardInfo(file=file, rows=len(batch), sha256=hashlib.sha256(data).hexdigest()))
+
+    for batch in batches:
+        if not isinstance(batch, EmbeddingBatch):
+            raise EmbeddingSetError(f"expected EmbeddingBatch items, got {type(batch).__name__}")
+        first = batch if first is None else first
+        _check_batch(batch, first, normalized)
+        ids.append(batch.ids)
+        pending.append(batch)
+        pending_rows += len(batch)
+        if pending_rows >= shard_rows:
+            buffered = concat_batches(pending)
+            full = pending_rows - pending_rows % shard_rows
+            for start in range(0, full, shard_rows):
+                flush(slice_batch(buffered, start, start + shard_rows))
+            pending, pending_rows = [slice_batch(buffered, full, pending_rows)], pending_rows - full
+    if pending_rows:
+        flush(concat_batches(pending))
+    if not shards:
+        raise EmbeddingSetError("no rows to write: an embedding set needs at least one item")
+    return first, shards, ids
+
+
+def _swap_in(tmp: Path, path: Path) -> None:
+    old = path.parent / f".tmp-{path.name}.old-{uuid.uuid4().hex}"
+    if path.exists():
+        os.replace(path, old)
+    try:
+        os.replace(tmp, path)
+    except OSError:
+        if old.exists():
+            os.replace(old, path)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_embedding_set(path: str | os.PathLike, batches: EmbeddingBatch | Iterable[EmbeddingBatch],
+                        model: ModelRef, side_info_model: ModelRef | None = None,
+                        metric: Literal["l2", "cosine"] = "l2", normalized: bool = False,
+                        lineage: Iterable[str] = (), shard_rows: int = 65536,
+                        overwrite: bool = False) -> EmbeddingSet:
+    """Stream batches into a new set at ``path``: written in a temp dir beside it, then renamed into place.
+
+    Leftover ``.tmp-<name>.*`` dirs of an interrupted write to ``path`` are removed first and are never listed
+    as sets. On error the temp dir is removed and ``path`` is untouched; with ``overwrite`` an existing set is
+    swapped out only once the new one is complete. Concurrent writers to one path are not supported.
+
+    Args:
+        batches: one EmbeddingBatch or an iterable of them (embeddings (n, d), side_info (n, d_side)).
+        model: model that produced the embeddings; side_info_model: required iff batches carry side_info.
+        metric: "l2" (Euclidean, unnormalised) or "cosine", the metric the set is to be searched with.
+        normalized: every embedding has unit L2 norm (checked to 1e-3).
+        lineage: history, e.g. ["gallery v1 embedded", "h v1->v2 applied"].
+        shard_rows: max rows per shard; the set has ceil(count / shard_rows) files.
+
+    Returns:
+        The written set (not re-verified).
+
+    Raises:
+        EmbeddingSetError: ``path`` exists (without ``overwrite``) or is not a set, bad metric or shard_rows,
+            NaN/inf values, dim change between batches, side_info in only some batches or not matching
+            ``side_info_model``, duplicate item ids, no rows.
+    """
+    path = Path(path)
+    if metric not in ("l2", "cosine"):
+        raise EmbeddingSetError(f"metric must be 'l2' or 'cosine', got {metric!r}")
+    if shard_rows < 1:
+        raise EmbeddingSetError(f"shard_rows must be >= 1, got {shard_rows}")
+    if path.exists() and not overwrite:
+        raise EmbeddingSetError(f"{path} already exists; pass overwrite=True to replace it")
+    if path.exists() and not (path / MANIFEST).is_file():
+        raise EmbeddingSetError(f"refusing to overwrite {path}: it is not an embedding set (no {MANIFEST})")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in _temp_dirs(path):
+        shutil.rmtree(stale)
+    tmp = path.parent / f".tmp-{path.name}.new-{uuid.uuid4().hex}"
+    tmp.mkdir()
+    try:
+        first, shards, ids = _write_shards(
+            tmp, [batches] if isinstance(batches, EmbeddingBatch) else batches, normalized, shard_rows)
+        _check_unique(ids)
+        if (first.side_info is None) != (side_info_model is None):
+            raise EmbeddingSetError(f"side_info_model is {side_info_model} but batches "
+                                    f"{'lack' if first.side_info is None else 'carry'} side_info")
+        manifest = EmbeddingSetManifest(
+            model=model, side_info_model=side_info_model, dim=first.embeddings.shape[1],
+            side_info_dim=None if first.side_info is None else first.side_info.shape[1],
+            count=sum(s.rows for s in shards), metric=metric, normalized=normalized, shards=shards,
+            lineage=list(lineage))
+        _write_file(tmp / MANIFEST, manifest.model_dump_json(indent=2).encode())
+        _swap_in(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return EmbeddingSet(path, manifest)

@@ -1,0 +1,182 @@
+"""CMC / mAP against hand-computed values and a plain Python loop; table, gap and plot."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from fct_registry.core.errors import SearchError
+from fct_registry.vectors.compatibility import compatibility_table, gap_closed, plot_cases
+from fct_registry.vectors.metrics import retrieval_metrics
+
+
+def reference_metrics(queries, query_labels, gallery, gallery_labels, metric, query_ids, gallery_ids, top_k):
+    """The protocol written as a plain loop over queries, with float64 Python arithmetic."""
+    hits = dict.fromkeys(top_k, 0)
+    ap_sum = 0.0
+    for i, query in enumerate(queries):
+        ranked = []
+        for j, item in enumerate(gallery):
+            if query_ids is not None and gallery_ids[j] == query_ids[i]:
+                continue
+            if metric == "l2":
+                score = -math.dist(query, item)
+            else:
+                score = sum(a * b for a, b in zip(query, item, strict=False)) / (math.hypot(*query) * math.hypot(*item))
+            ranked.append((-score, j))  # ascending: best first, then lower gallery position
+        ranked.sort()
+        found, precisions, first = 0, [], None
+        for rank, (_, j) in enumerate(ranked, start=1):
+            if gallery_labels[j] == query_labels[i]:
+                found += 1
+                precisions.append(found / rank)
+                first = rank if first is None else first
+        for k in top_k:
+            hits[k] += first is not None and first <= k
+        ap_sum += sum(precisions) / len(precisions) if precisions else 0.0
+    result = {f"cmc_top{k}": hits[k] / len(queries) for k in top_k}
+    result["map"] = ap_sum / len(queries)
+    return result
+
+
+def test_top1_and_top5_differ_on_built_case():
+    # gallery on a line at x = 1..6, labels 1 1 1 1 0 1
+    gallery = [[float(x), 0.0] for x in range(1, 7)]
+    gallery_labels = [1, 1, 1, 1, 0, 1]
+    # query at 0 (label 0): only relevant item at rank 5 -> top1 miss, top5 hit, AP = 1/5
+    # query at 7 (label 1): ranks 1..6 = x 6,5,4,3,2,1, relevant at 1,3,4,5,6 -> AP = (1 + 2/3 + 3/4 + 4/5 + 5/6) / 5
+    got = retrieval_metrics([[0.0, 0.0], [7.0, 0.0]], [0, 1], gallery, gallery_labels, "l2")
+    ap_second = (1 + 2 / 3 + 3 / 4 + 4 / 5 + 5 / 6) / 5
+    assert ap_second == pytest.approx(0.81)
+    assert got == pytest.approx({"cmc_top1": 0.5, "cmc_top5": 1.0, "map": (0.2 + ap_second) / 2})
+
+
+def test_self_match_is_excluded_by_id():
+    items = [[0.0, 0.0], [1.0, 0.0], [0.0, 3.0]]
+    labels = [0, 0, 1]
+    ids = [10, 11, 12]
+    # without its own item, the label-1 query has no relevant item: a miss with AP 0
+    got = retrieval_metrics(items, labels, items, labels, "l2", query_ids=ids, gallery_ids=ids)
+    assert got == pytest.approx({"cmc_top1": 2 / 3, "cmc_top5": 2 / 3, "map": 2 / 3})
+    # without ids every query finds itself first
+    assert retrieval_metrics(items, labels, items, labels, "l2") == {"cmc_top1": 1.0, "cmc_top5": 1.0, "map": 1.0}
+
+
+def test_query_class_absent_from_gallery_counts_as_miss_with_zero_ap():
+    gallery = [[1.0, 0.0], [0.0, 1.0]]
+    got = retrieval_metrics([[1.0, 0.0], [1.0, 0.0]], [0, 9], gallery, [0, 1], "cosine")
+    assert got == {"cmc_top1": 0.5, "cmc_top5": 0.5, "map": 0.5}
+
+
+def test_unknown_gallery_labels_are_never_relevant():
+    got = retrieval_metrics([[1.0, 0.0]], [1], [[1.0, 0.0], [0.0, 1.0]], [-1, 1], "l2")
+    assert got == {"cmc_top1": 0.0, "cmc_top5": 1.0, "map": 0.5}
+    with pytest.raises(SearchError, match="query_labels must be >= 0, got -1"):
+        retrieval_metrics([[1.0, 0.0]], [-1], [[1.0, 0.0]], [1], "l2")
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_ties_are_broken_by_gallery_position(metric):
+    # two identical gallery vectors, equal scores: the lower gallery position is ranked first
+    wrong_first = retrieval_metrics([[1.0, 0.0]], [1], [[1.0, 0.0], [1.0, 0.0]], [0, 1], metric, top_k=(1, 2))
+    assert wrong_first == {"cmc_top1": 0.0, "cmc_top2": 1.0, "map": 0.5}
+    right_first = retrieval_metrics([[1.0, 0.0]], [1], [[1.0, 0.0], [1.0, 0.0]], [1, 0], metric, top_k=(1, 2))
+    assert right_first == {"cmc_top1": 1.0, "cmc_top2": 1.0, "map": 1.0}
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_matches_plain_loop_on_test_split_against_itself(metric):
+    rng = np.random.default_rng(3)
+    items = rng.standard_normal((41, 6)).astype(np.float32)
+    labels = rng.integers(0, 7, size=41)
+    labels[0] = 99  # a class with a single item: after self-exclusion it is absent
+    ids = rng.permutation(41) + 1000
+    top_k = (1, 3, 5)
+    got = retrieval_metrics(items, labels, items, labels, metric, query_ids=ids, gallery_ids=ids,
+                            top_k=top_k, batch_size=8)
+    want = reference_metrics(items.tolist(), labels.tolist(), items.tolist(), labels.tolist(), metric,
+                             ids.tolist(), ids.tolist(), top_k)
+    assert got == pytest.approx(want, rel=1e-12, abs=1e-12)
+    assert 0.0 < got["map"] < 1.0 and got["cmc_top1"] < got["cmc_top5"]
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_matches_plain_loop_on_separate_query_and_gallery(metric):
+    rng = np.random.default_rng(4)
+    queries = rng.standard_normal((23, 5))
+    gallery = rng.standard_normal((60, 5))
+    query_labels = rng.integers(0, 6, size=23)  # label 5 never occurs in the gallery
+    gallery_labels = rng.integers(0, 5, size=60)
+    got = retrieval_metrics(queries, query_labels, gallery, gallery_labels, metric, batch_size=5)
+    want = reference_metrics(queries.astype(np.float32).tolist(), query_labels.tolist(),
+                             gallery.astype(np.float32).tolist(), gallery_labels.tolist(), metric, None, None, (1, 5))
+    assert (query_labels == 5).any()
+    assert got == pytest.approx(want, rel=1e-12, abs=1e-12)
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_identical_for_every_batch_size(metric):
+    rng = np.random.default_rng(5)
+    items = rng.standard_normal((21, 4)).astype(np.float32)  # 21 = 4*5 + 1 = 5*4 + 1: last batch has one row
+    labels = rng.integers(0, 3, size=21)
+    ids = np.arange(21)
+    results = [retrieval_metrics(items, labels, items, labels, metric, query_ids=ids, gallery_ids=ids,
+                                 batch_size=b) for b in (1, 4, 5, 21, 1024)]
+    assert all(r == results[0] for r in results[1:])
+
+
+def test_bad_arguments():
+    x = [[1.0, 0.0], [0.0, 1.0]]
+    with pytest.raises(SearchError, match="both query_ids and gallery_ids"):
+        retrieval_metrics(x, [0, 1], x, [0, 1], "l2", query_ids=[0, 1])
+    with pytest.raises(SearchError, match=r"query_labels must be an integer array of shape \(2,\)"):
+        retrieval_metrics(x, [0], x, [0, 1], "l2")
+    with pytest.raises(SearchError, match="gallery_labels"):
+        retrieval_metrics(x, [0, 1], x, [0.0, 1.0], "l2")
+    with pytest.raises(SearchError, match="top_k"):
+        retrieval_metrics(x, [0, 1], x, [0, 1], "l2", top_k=(0,))
+    with pytest.raises(SearchError, match="batch_size"):
+        retrieval_metrics(x, [0, 1], x, [0, 1], "l2", batch_size=0)
+    with pytest.raises(SearchError, match=r"got shape \(2,\)"):
+        retrieval_metrics([1.0, 0.0], [0], x, [0, 1], "l2")
+    with pytest.raises(SearchError, match="metric"):
+        retrieval_metrics(x, [0, 1], x, [0, 1], "euclidean")  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        retrieval_metrics(x, [0, 1], x, [0, 1])  # type: ignore[call-arg]
+
+
+CASES = {"old_vs_old": {"cmc_top1": 0.464, "map": 0.283},
+         "new_vs_new": {"cmc_top1": 0.684, "map": 0.456},
+         "new_vs_upgraded": {"cmc_top1": 0.651}}
+
+
+def test_compatibility_table_markdown():
+    assert compatibility_table(CASES) == (
+        "| case | cmc_top1 | map |\n"
+        "|---|---:|---:|\n"
+        "| old_vs_old | 0.4640 | 0.2830 |\n"
+        "| new_vs_new | 0.6840 | 0.4560 |\n"
+        "| new_vs_upgraded | 0.6510 | - |\n")
+    with pytest.raises(SearchError, match="cases is empty"):
+        compatibility_table({})
+
+
+def test_gap_closed_on_paper_numbers():
+    # FCT (arXiv 2112.02805) ImageNet with side-info: 85 % of the top-1 gap, 91 % of the mAP gap
+    assert gap_closed(46.4, 68.4, 65.1) == pytest.approx(18.7 / 22.0)
+    assert round(gap_closed(0.464, 0.684, 0.651), 2) == 0.85
+    assert round(gap_closed(28.3, 45.6, 44.0), 2) == 0.91
+    assert gap_closed(0.2, 0.6, 0.2) == 0.0 and gap_closed(0.2, 0.6, 0.6) == 1.0
+    with pytest.raises(SearchError, match="no gap"):
+        gap_closed(0.5, 0.5, 0.6)
+
+
+def test_plot_cases_writes_png(tmp_path):
+    path = plot_cases(CASES, tmp_path / "plots" / "cases.png")
+    data = path.read_bytes()
+    assert path == tmp_path / "plots" / "cases.png"
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+    with pytest.raises(SearchError, match="cases is empty"):
+        plot_cases({}, tmp_path / "empty.png")
