@@ -15,7 +15,7 @@ from typing import Annotated
 
 import typer
 
-from fct_registry.cli import evaluate, models, promote, sets, ui, upgrade
+from fct_registry.cli import evaluate, fit, models, promote, sets, ui, upgrade
 from fct_registry.cli.common import Commands, use_project
 
 app = typer.Typer(cls=Commands, no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False,
@@ -23,7 +23,7 @@ app = typer.Typer(cls=Commands, no_args_is_help=True, add_completion=False, pret
                        "through registered ONNX transformations, without reading an image again.")
 app.add_typer(models.app, name="models")
 app.add_typer(sets.app, name="sets")
-for group in (models.lineage_app, promote.app, upgrade.app, evaluate.app, ui.app):
+for group in (models.lineage_app, promote.app, upgrade.app, evaluate.app, fit.app, ui.app):
     app.add_typer(group)
 
 

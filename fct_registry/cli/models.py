@@ -1,8 +1,10 @@
-"""``fct-registry models ...`` and ``fct-registry lineage``: what is registered, how versions connect."""
+"""``fct-registry models ...`` and ``fct-registry lineage``: what is registered, adding a model, how versions
+connect."""
 
 from __future__ import annotations
 
 from enum import Enum
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -23,6 +25,48 @@ class Role(str, Enum):
     transformation = "transformation"
 
 
+class ImageRole(str, Enum):
+    """Roles a user's ONNX file can be added as."""
+
+    backbone = "backbone"
+    side_info = "side-info"
+
+
+class Metric(str, Enum):
+    """Distance the embeddings are searched with."""
+
+    l2 = "l2"
+    cosine = "cosine"
+
+
+class Color(str, Enum):
+    """Colour of the images the model takes."""
+
+    grayscale = "grayscale"
+    rgb = "rgb"
+
+
+class Layout(str, Enum):
+    """Axis order of the model input."""
+
+    nchw = "nchw"
+    nhwc = "nhwc"
+
+
+class Resize(str, Enum):
+    """How an image is brought to the input size."""
+
+    stretch = "stretch"
+    center_crop = "center_crop"
+
+
+class Preset(str, Enum):
+    """Named input contracts (see ``fct_registry.usecases.models.PRESETS``)."""
+
+    imagenet = "imagenet"
+    grayscale01 = "grayscale01"
+
+
 def _links(version: RegisteredVersion) -> str:
     tags = version.tags
     if "fct.source_label" not in tags:
@@ -39,11 +83,59 @@ def models_list(
     """List registered model versions with their identity, dim, aliases and links."""
     roles = [role.value] if role is not None else [r.value for r in Role]
     versions = usecase.list_models(ctx.obj.registry(), roles)
-    listing = table("registered models", "role", "version", "label", "sha256", "dim", "links", "mAP")
+    listing = table("registered models", "role", "version", "label", "sha256", "dim", "links", "mAP", "contract")
     for v in versions:
         row(listing, v.role, named(v), v.ref.label, v.ref.sha256[:12], v.tags.get("fct.embedding_dim", ""),
-             _links(v), f"{float(v.tags['fct.map']):.3f}" if "fct.map" in v.tags else "")
+            _links(v), f"{float(v.tags['fct.map']):.3f}" if "fct.map" in v.tags else "", usecase.contract_summary(v))
     console().print(listing)
+
+
+def _value(option: Enum | None) -> str | None:
+    return None if option is None else option.value
+
+
+@app.command("add")
+def models_add(
+    ctx: typer.Context,
+    role: Annotated[ImageRole, typer.Argument(help="Register the file as a backbone or a side-info model.")],
+    file: Annotated[Path, typer.Argument(help="The ONNX file: one input (B, C, H, W) or (B, H, W, C) float32, "
+                                              "one output (B, d) float32, symbolic batch axis B.")],
+    label: Annotated[str, typer.Option(help="The version's label, e.g. v4 (not only digits).")],
+    metric: Annotated[Metric, typer.Option(help="Distance its embeddings are searched with.")],
+    normalized: Annotated[bool, typer.Option(help="Its output rows have unit L2 norm (checked).")] = False,
+    preset: Annotated[Preset | None, typer.Option(
+        help="Start from a named contract: imagenet (rgb 224x224 center_crop, ImageNet mean/std) or grayscale01 "
+             "(grayscale in [0, 1]; give --height/--width); single options below override it.")] = None,
+    contract: Annotated[Path | None, typer.Option(
+        help="A JSON file with the whole input contract (excludes --preset and the single options).")] = None,
+    height: Annotated[int | None, typer.Option(help="Input height H in pixels.")] = None,
+    width: Annotated[int | None, typer.Option(help="Input width W in pixels.")] = None,
+    color: Annotated[Color | None, typer.Option(help="grayscale (C = 1) or rgb (C = 3).")] = None,
+    layout: Annotated[Layout | None, typer.Option(help="Input axis order (default: nchw).")] = None,
+    resize: Annotated[Resize | None, typer.Option(
+        help="stretch to H x W, or resize the shorter side and crop the centre (default: stretch).")] = None,
+    pixel_range: Annotated[float | None, typer.Option(
+        help="uint8 pixels are divided by this first (255 -> [0, 1]) (default: 255).")] = None,
+    mean: Annotated[list[float] | None, typer.Option(
+        help="Per-channel mean subtracted after scaling; repeat once per channel (default: 0).")] = None,
+    std: Annotated[list[float] | None, typer.Option(
+        help="Per-channel std divided by after the mean; repeat once per channel (default: 1).")] = None,
+    description: Annotated[str | None, typer.Option(help="Free text stored with the version.")] = None,
+) -> None:
+    """Validate a user's ONNX image embedding model against its input contract, then register it.
+
+    Idempotent: the same bytes under the same label give the same version. A file that fails a check writes
+    nothing.
+    """
+    chosen = usecase.build_contract(
+        preset=_value(preset), contract_file=contract, height=height, width=width, color=_value(color),
+        layout=_value(layout), resize=_value(resize), pixel_range=pixel_range,
+        mean=tuple(mean) if mean else None, std=tuple(std) if std else None)
+    version = usecase.add_model(ctx.obj.registry(), file, role.value, label, chosen, metric.value, normalized,
+                                description)
+    console().print(f"registered {named(version)}: label {version.ref.label}, sha256 {version.ref.sha256[:12]}, "
+                    f"dim {version.tags.get('fct.embedding_dim', '?')}, contract {usecase.contract_summary(version)}"
+                    f", metric {version.tags.get('fct.metric', '?')}", markup=False)
 
 
 @lineage_app.command()

@@ -1,11 +1,19 @@
-"""``fct-registry sets ...``: the stored embedding sets."""
+"""``fct-registry sets ...``: the stored embedding sets: list, import stored vectors, export, embed an image folder."""
 
 from __future__ import annotations
 
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
 import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fct_registry.cli.common import Project, console, named, row, table
+from fct_registry.usecases import project as project_files
 from fct_registry.usecases import sets as usecase
+from fct_registry.vectors.embedding_set import EmbeddingSet
+from fct_registry.vectors.importing import Columns
 
 app = typer.Typer(no_args_is_help=True, help="Stored embedding sets.")
 
@@ -21,3 +29,110 @@ def sets_list(ctx: typer.Context) -> None:
         row(listing, entry.embedding_set.path.relative_to(project.sets_root), m.model, named(entry.backbone),
              m.side_info_model or "-", m.dim, m.count, m.metric)
     console().print(listing)
+
+
+class Format(str, Enum):
+    """Export layouts: one Parquet file, or a folder of .npy files."""
+
+    parquet = "parquet"
+    npy = "npy"
+
+
+def _bar(verb: str) -> Progress:
+    return Progress(TextColumn(verb), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console())
+
+
+def _wrote(new: EmbeddingSet, project: Project) -> None:
+    m = new.manifest
+    side = f", side-info {m.side_info_model} ({m.side_info_dim}-d)" if m.side_info_model is not None else ""
+    console().print(f"wrote {new.path}: {m.count} items of {m.model} ({m.dim}-d{side}), metric {m.metric}",
+                    markup=False)
+
+
+ModelOption = Annotated[str, typer.Option("--model", help="Backbone that made the vectors: number, label or @alias.")]
+SideInfoOption = Annotated[str | None, typer.Option("--side-info", help="Side-info model of the vectors' side-info: "
+                                                                        "number, label or @alias.")]
+NameOption = Annotated[str, typer.Option("--name", help="Name of the new set under --sets-root.")]
+OverwriteOption = Annotated[bool, typer.Option(help="Replace an existing output (once the new one is complete).")]
+
+
+@app.command("import")
+def sets_import(
+    ctx: typer.Context,
+    source: Annotated[Path, typer.Argument(help="A .parquet file (one row per item) or a folder of .npy files "
+                                                "(one file per column: <column>.npy).")],
+    model: ModelOption,
+    name: NameOption,
+    side_info: SideInfoOption = None,
+    id_column: Annotated[str, typer.Option(help="Column of integer item ids (npy: file stem; ids.npy is "
+                                                "accepted for the default).")] = "item_id",
+    vector_column: Annotated[str, typer.Option(help="Column of the backbone's vectors (list or fixed_size_list; npy: "
+                                                    "(n, d) file; embeddings.npy is accepted for the default).")]
+    = "embedding",
+    side_info_column: Annotated[str, typer.Option(help="Column of the side-info vectors (read with --side-info "
+                                                       "only).")] = "side_info",
+    label_column: Annotated[str | None, typer.Option(help="Column of integer labels (default: label or labels when "
+                                                          "present, else every label is -1).")] = None,
+    batch_rows: Annotated[int, typer.Option(min=1, help="Rows read per batch (bounds memory).")] = 65536,
+    overwrite: OverwriteOption = False,
+) -> None:
+    """Import stored gallery vectors (Parquet or .npy) of a registered backbone as a new embedding set.
+
+    Dims are checked against the models' fct.embedding_dim tags; a bad row (null, NaN/inf, other width), a
+    duplicate id or a missing column stops the import with one error line and nothing written.
+    """
+    project: Project = ctx.obj
+    models = usecase.set_models(project.registry(), model, side_info)
+    columns = Columns(id_column, vector_column, side_info_column if side_info is not None else None, label_column)
+    vectors = usecase.open_vectors(source, models, columns)
+    with _bar("importing") as bar:
+        task = bar.add_task("import", total=vectors.count)
+        new = usecase.import_set(vectors, models, project.sets_root / name, batch_rows=batch_rows,
+                                 overwrite=overwrite, progress=lambda done, _total: bar.update(task, completed=done))
+    _wrote(new, project)
+
+
+@app.command("export")
+def sets_export(
+    ctx: typer.Context,
+    set_name: Annotated[str, typer.Argument(metavar="SET", help="Embedding set: a name under --sets-root or a "
+                                                                "path.")],
+    out: Annotated[Path, typer.Option(help="Parquet file or npy folder to write (relative to --root).")],
+    format: Annotated[Format, typer.Option("--format", help="parquet: columns item_id, label, embedding "
+                                                            "[, side_info]; npy: ids.npy, labels.npy, "
+                                                            "embeddings.npy [, side_info.npy].")] = Format.parquet,
+    batch_rows: Annotated[int, typer.Option(min=1, help="Rows per batch (bounds memory).")] = 65536,
+    overwrite: OverwriteOption = False,
+) -> None:
+    """Export a set (e.g. an upgraded gallery) for a vector database: written to a temp path, then renamed."""
+    project: Project = ctx.obj
+    source = project_files.find_set(set_name, project.root, project.sets_root)
+    result = usecase.export(source, project.root / out, format.value, batch_rows=batch_rows, overwrite=overwrite)
+    console().print(f"wrote {result.path} ({result.format}: {', '.join(result.files)}): {result.count} items of "
+                    f"{source.manifest.model}", markup=False)
+
+
+@app.command("embed")
+def sets_embed(
+    ctx: typer.Context,
+    image_dir: Annotated[Path, typer.Argument(help="Folder of PNG/JPEG images: DIR/<class>/<image> (labels from "
+                                                   "the sorted class folders) or DIR/<image> (labels -1).")],
+    model: ModelOption,
+    name: NameOption,
+    side_info: SideInfoOption = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images decoded and embedded at a time.")] = 256,
+    overwrite: OverwriteOption = False,
+) -> None:
+    """Embed a folder of images with a registered backbone (and side-info model) into a new set.
+
+    Item ids are the images' positions in the sorted file list; the set's sources.json maps each to its file.
+    """
+    project: Project = ctx.obj
+    registry = project.registry()
+    models = usecase.set_models(registry, model, side_info)
+    with _bar("embedding") as bar:
+        task = bar.add_task("embed", total=None)
+        new = usecase.embed_folder(registry, image_dir, models, project.sets_root / name, batch_size=batch_size,
+                                   overwrite=overwrite,
+                                   progress=lambda done, total: bar.update(task, completed=done, total=total))
+    _wrote(new, project)

@@ -31,6 +31,10 @@ class ExportError(FctError):
     """An ONNX export failed its checks (training mode, axes, parity with PyTorch)."""
 
 
+class ModelValidationError(FctError):
+    """An ONNX model file does not meet the registry's contract (inputs, output, values, batch consistency)."""
+
+
 class RuntimeInputError(FctError):
     """An ONNX Runtime session was fed inputs of the wrong names, shapes or types."""
 

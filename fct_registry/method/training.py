@@ -26,6 +26,9 @@ from fct_registry.method.models.transformation import ForwardTransformation
 FeatureEpoch = Callable[[int], tuple[np.ndarray, np.ndarray | None, np.ndarray]]
 """Given an epoch index, returns (old (N, d_old), side-info (N, d_side) or None, new (N, d_new)) float32."""
 
+EpochCallback = Callable[[int, dict[str, float]], None]
+"""Called after each epoch with the 0-based epoch index and that epoch's metrics (``train_mse``)."""
+
 
 def seed_everything(seed: int) -> torch.Generator:
     """Seed torch and numpy; returns a torch generator for data order and augmentations."""
@@ -224,8 +227,8 @@ def augmented_features(images: np.ndarray, old: nn.Module, side_info: nn.Module 
     return features
 
 
-def train_transformation(features: FeatureEpoch, params: TransformationParams, seed: int
-                         ) -> tuple[ForwardTransformation, dict]:
+def train_transformation(features: FeatureEpoch, params: TransformationParams, seed: int,
+                         on_epoch: EpochCallback | None = None) -> tuple[ForwardTransformation, dict]:
     """Train the forward transformation h with MSE to the new embedding (FCT, Ramanujan et al., CVPR 2022, Sec. 3).
 
     Adam with a cosine schedule, as ml-fct. ``features(0)`` fixes the dims: d_old, d_side (0 when side-info
@@ -235,6 +238,9 @@ def train_transformation(features: FeatureEpoch, params: TransformationParams, s
         features: per-epoch source of (old (N, d_old), side-info (N, d_side) or None, new (N, d_new)) float32.
         params: hidden width, epochs, batch size, learning rate.
         seed: seeds initialisation and data order.
+        on_epoch: optional callback given the 0-based epoch index and ``{"train_mse": mean over the epoch's
+            rows}`` after each epoch (for progress output); it reads values already computed, so training is
+            numerically identical with or without it.
 
     Returns:
         h in eval mode and metrics ``train_mse`` (last epoch, mean over rows) and ``seconds``.
@@ -259,4 +265,6 @@ def train_transformation(features: FeatureEpoch, params: TransformationParams, s
             scheduler.step()
             loss_sum += loss.item() * len(batch[0])
             seen += len(batch[0])
+        if on_epoch is not None:
+            on_epoch(epoch, {"train_mse": loss_sum / seen})
     return model.eval(), {"train_mse": loss_sum / seen, "seconds": time.perf_counter() - start}

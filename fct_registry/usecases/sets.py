@@ -1,21 +1,36 @@
-"""Use cases of ``fct-registry sets``: list the stored embedding sets, embed a gallery into a new set."""
+"""Use cases of ``fct-registry sets``: list the stored embedding sets, embed a gallery or a folder of images into a
+new set, import the vectors a user already stores, export a set for a vector database."""
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
+from fct_registry.core.errors import DataError, EmbeddingSetError, RegistryError
 from fct_registry.core.refs import ModelRef
 from fct_registry.method.data import Split
 from fct_registry.onnx_boundary.embedding import embed_images
+from fct_registry.onnx_boundary.image_folder import ImageFolder, scan_image_folder
 from fct_registry.onnx_boundary.runtime import OnnxModel
 from fct_registry.registry.model_registry import ModelRegistry
-from fct_registry.registry.versions import RegisteredVersion
+from fct_registry.registry.versions import RegisteredVersion, input_contract
 from fct_registry.usecases.project import sets_under
 from fct_registry.vectors.batch import EmbeddingBatch
 from fct_registry.vectors.embedding_set import EmbeddingSet
+from fct_registry.vectors.exporting import Export, Format, export_set
+from fct_registry.vectors.importing import Columns, VectorSource, open_source
 from fct_registry.vectors.set_writer import write_embedding_set
+
+SOURCES_FILE = "sources.json"
+"""Sidecar of a set embedded from an image folder: ``{"folder": ..., "classes": [...], "item_ids": [...],
+"files": [...]}`` (item ``item_ids[i]`` is the image ``folder/files[i]``)."""
+Progress = Callable[[int, int], None]
+"""Called with (items done, items in all) after each batch."""
 
 
 @dataclass(frozen=True)
@@ -56,3 +71,250 @@ def build_gallery(split: Split, backbone: Path, backbone_ref: ModelRef, side_inf
     lineage = [f"gallery embedded by {backbone_ref}" + (f" with side-info {side_info_ref}" if side_info_ref else "")]
     return write_embedding_set(out, [batch], backbone_ref, side_info_ref, metric=metric, lineage=lineage,
                                overwrite=out.exists())
+
+
+# ----- models of a new set ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SetModels:
+    """The registered models whose vectors a new set holds, and the search settings of the backbone's tags.
+
+    Attributes:
+        backbone: the backbone version; ``dim`` its ``fct.embedding_dim``.
+        side_info: the side-info version or None; ``side_info_dim`` its ``fct.embedding_dim``.
+        metric: ``fct.metric`` of the backbone (``l2`` when absent); normalized: ``fct.normalized``.
+    """
+
+    backbone: RegisteredVersion
+    side_info: RegisteredVersion | None
+    dim: int
+    side_info_dim: int | None
+    metric: str
+    normalized: bool
+
+
+def _embedding_dim(registry: ModelRegistry, version: RegisteredVersion) -> int:
+    value = version.tags.get("fct.embedding_dim")
+    if value is None:
+        return OnnxModel(registry.onnx_path(version)).output_dim
+    try:
+        return int(value)
+    except ValueError:
+        raise RegistryError(f"{version} has a non-integer fct.embedding_dim tag {value!r}") from None
+
+
+def set_models(registry: ModelRegistry, backbone: str, side_info: str | None) -> SetModels:
+    """Look up the backbone and side-info versions (number, label or ``@alias``) a new set is for.
+
+    The dims come from each version's ``fct.embedding_dim`` tag (the ONNX output's width when the tag is absent).
+
+    Raises:
+        RegistryError: unknown version, or a bad ``fct.embedding_dim`` / ``fct.normalized`` tag.
+    """
+    chosen = registry.get("backbone", backbone)
+    side = registry.get("side-info", side_info) if side_info is not None else None
+    normalized = chosen.tags.get("fct.normalized", "false").lower()
+    if normalized not in ("true", "false"):
+        raise RegistryError(f"{chosen} has an fct.normalized tag {normalized!r}; expected true or false")
+    return SetModels(chosen, side, _embedding_dim(registry, chosen),
+                     None if side is None else _embedding_dim(registry, side),
+                     chosen.tags.get("fct.metric", "l2"), normalized == "true")
+
+
+def _by_models(models: SetModels) -> str:
+    side = f" with side-info {models.side_info.ref}" if models.side_info is not None else ""
+    return f"{models.backbone.ref}{side}"
+
+
+def _write(out: Path, batches: Iterator[EmbeddingBatch], models: SetModels, lineage: list[str], overwrite: bool,
+           extra_files: dict[str, bytes] | None = None) -> EmbeddingSet:
+    side_ref = models.side_info.ref if models.side_info is not None else None
+    return write_embedding_set(out, batches, models.backbone.ref, side_ref, metric=models.metric,
+                               normalized=models.normalized, lineage=lineage, overwrite=overwrite,
+                               extra_files=extra_files)
+
+
+# ----- import -------------------------------------------------------------------------------------------------
+
+
+def open_vectors(source: str | os.PathLike, models: SetModels, columns: Columns | None = None) -> VectorSource:
+    """Open stored vectors for ``models``: side-info is read (``columns.side_info``, default ``side_info``) iff
+    ``models`` has a side-info model; the widths are checked against the models' dims.
+
+    Args:
+        source: a ``.parquet`` file or a folder of ``.npy`` files (see :mod:`fct_registry.vectors.importing`).
+        models: the set's models (:func:`set_models`).
+        columns: the column names (file stems for npy); None: the defaults of :class:`Columns`.
+
+    Raises:
+        DataError: invalid source, a missing column (listing those present), a side-info column without a
+            side-info model, or a width other than the model's ``fct.embedding_dim``.
+    """
+    columns = columns or Columns()
+    if models.side_info is None and columns.side_info is not None:
+        raise DataError(f"a side-info column ({columns.side_info!r}) was given without a side-info model; "
+                        "name the model with --side-info")
+    if models.side_info is not None and columns.side_info is None:
+        columns = Columns(columns.item_id, columns.embedding, "side_info", columns.label)
+    vectors = open_source(source, columns)
+    expected = [(vectors.columns.embedding, vectors.dim, models.backbone, models.dim)]
+    if models.side_info is not None:
+        expected.append((vectors.columns.side_info, vectors.side_info_dim, models.side_info, models.side_info_dim))
+    for column, width, version, dim in expected:
+        if width != dim:
+            raise DataError(f"column {column!r} of {vectors} holds {width}-d vectors, but {version} makes "
+                            f"{dim}-d vectors (fct.embedding_dim)")
+    return vectors
+
+
+def import_set(vectors: VectorSource, models: SetModels, out: str | os.PathLike, batch_rows: int = 65536,
+               overwrite: bool = False, progress: Progress | None = None) -> EmbeddingSet:
+    """Stream stored vectors into a new embedding set of the registered ``models``.
+
+    The manifest names the backbone (and side-info model) by their registered refs, takes metric and normalisation
+    from the backbone's tags and records ``imported from <source>`` as its lineage. Every batch is checked before
+    it is written; any error leaves no set (nor a temp dir) at ``out``.
+
+    Args:
+        vectors: the opened source (:func:`open_vectors`).
+        models: the registered models the vectors come from (:func:`set_models`).
+        out: the new set's folder.
+        batch_rows: items per batch read (bounds memory).
+        overwrite: replace an existing set at ``out`` (only once the new one is complete).
+        progress: called with (items done, items in all) after each batch.
+
+    Returns:
+        The new set.
+
+    Raises:
+        DataError: a bad row (null, NaN/inf, other width: naming the row, its item id and the column) or a
+            duplicate item id (naming it).
+        EmbeddingSetError: ``out`` exists (without ``overwrite``), or the backbone is tagged normalized and a
+            vector is not of unit norm.
+    """
+    def batches() -> Iterator[EmbeddingBatch]:
+        done = 0
+        for batch in vectors.iter_batches(batch_rows):
+            yield batch
+            done += len(batch)
+            if progress is not None:
+                progress(done, vectors.count)
+
+    source = vectors.path.resolve()
+    lineage = [f"imported from {source} ({vectors.kind}), vectors of {_by_models(models)}"]
+    return _write(Path(out), batches(), models, lineage, overwrite)
+
+
+# ----- export -------------------------------------------------------------------------------------------------
+
+
+def export(embedding_set: EmbeddingSet, out: str | os.PathLike, format: Format, batch_rows: int = 65536,
+           overwrite: bool = False, progress: Progress | None = None) -> Export:
+    """Write a set (typically an upgraded one) as one Parquet file or a folder of ``.npy`` files for a vector
+    database; streamed, atomic (temp then rename) and read-only on the set (its shards are verified first).
+
+    Raises:
+        EmbeddingSetError: a shard does not match the manifest, ``out`` exists (without ``overwrite``) or is not
+            an export of that format.
+    """
+    embedding_set.verify()
+    total = embedding_set.manifest.count
+    return export_set(embedding_set, out, format, rows=batch_rows, overwrite=overwrite,
+                      progress=None if progress is None else (lambda done: progress(done, total)))
+
+
+# ----- embed an image folder ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImageSources:
+    """Where the items of a set embedded from an image folder came from (its ``sources.json``).
+
+    Attributes:
+        folder: the image folder (absolute).
+        classes: class folder names (label = index), empty for a flat folder.
+        files: item id -> the image's path relative to ``folder``.
+    """
+
+    folder: Path
+    classes: tuple[str, ...]
+    files: dict[int, str]
+
+
+def image_sources(embedding_set: EmbeddingSet) -> ImageSources | None:
+    """The image of each item of a set made by :func:`embed_folder`; None for other sets.
+
+    Raises:
+        EmbeddingSetError: ``sources.json`` is present but unreadable.
+    """
+    path = embedding_set.path / SOURCES_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        return ImageSources(Path(data["folder"]), tuple(data["classes"]),
+                            dict(zip(data["item_ids"], data["files"], strict=True)))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise EmbeddingSetError(f"cannot read {path}: {exc}") from None
+
+
+def _images_embedded(folder: ImageFolder, models: SetModels, registry: ModelRegistry, batch_size: int,
+                     progress: Progress | None) -> Iterator[EmbeddingBatch]:
+    embedders = []
+    for version in (models.backbone, models.side_info):
+        if version is not None:
+            model = OnnxModel(registry.onnx_path(version))
+            embedders.append((model, input_contract(version, model.input_shapes[model.input_names[0]])))
+    streams = {}
+    for _, contract in embedders:
+        streams.setdefault(contract, folder.iter_decoded(contract, batch_size))
+    while True:
+        decoded = {}
+        for contract, stream in streams.items():
+            step = next(stream, None)
+            if step is None:
+                return
+            decoded[contract] = step
+        rows = next(iter(decoded.values()))[0]
+        vectors = [embed_images(model, decoded[contract][1], contract, batch_size) for model, contract in embedders]
+        ids = np.arange(rows.start, rows.stop, dtype=np.int64)
+        yield EmbeddingBatch(ids, folder.labels[rows], vectors[0], vectors[1] if len(vectors) > 1 else None)
+        if progress is not None:
+            progress(rows.stop, len(folder))
+
+
+def embed_folder(registry: ModelRegistry, image_dir: str | os.PathLike, models: SetModels, out: str | os.PathLike,
+                 batch_size: int = 256, overwrite: bool = False, progress: Progress | None = None) -> EmbeddingSet:
+    """Embed a folder of images with the registered backbone (and side-info model) into a new set.
+
+    Images are found and labelled by :func:`~fct_registry.onnx_boundary.image_folder.scan_image_folder` (class
+    folders give labels 0, 1, ...; a flat folder -1); item ids are their positions in the sorted file list. Each
+    model gets the images prepared by its own input contract (``fct.input_contract`` tag). The set records the
+    folder in its lineage and every item's image in ``sources.json`` (:func:`image_sources`).
+
+    Args:
+        registry: the registry holding the models' ONNX files.
+        image_dir: the image folder.
+        models: the registered models (:func:`set_models`).
+        out: the new set's folder.
+        batch_size: images decoded and embedded at a time (bounds memory).
+        overwrite: replace an existing set at ``out`` (only once the new one is complete).
+        progress: called with (images done, images in all) after each batch.
+
+    Returns:
+        The new set: ids (N,), labels (N,), embeddings (N, d), side_info (N, d_side) with side-info.
+
+    Raises:
+        DataError: the folder holds no image, mixes layouts, or an image cannot be decoded (naming it).
+        RegistryError: a model's ONNX file cannot be fetched; RuntimeInputError: it cannot be loaded.
+        EmbeddingSetError: ``out`` exists (without ``overwrite``).
+    """
+    folder = scan_image_folder(image_dir)
+    root = folder.root.resolve()
+    sources = {"folder": str(root), "classes": list(folder.classes), "item_ids": list(range(len(folder))),
+               "files": list(folder.files)}
+    layout = f"{len(folder.classes)} class folders" if folder.labelled else "unlabelled"
+    lineage = [f"embedded from image folder {root} ({len(folder)} images, {layout}) by {_by_models(models)}"]
+    return _write(Path(out), _images_embedded(folder, models, registry, batch_size, progress), models, lineage,
+                  overwrite, {SOURCES_FILE: json.dumps(sources, indent=1).encode()})

@@ -132,3 +132,31 @@ def _top_k(top_k: Sequence[int]) -> list[int]:
     if not ks or any(not isinstance(k, Integral) or isinstance(k, bool) or k < 1 for k in ks):
         raise SearchError(f"top_k must be a non-empty sequence of integers >= 1, got {top_k!r}")
     return ks
+
+
+def knn_overlap(new: np.ndarray, transformed: np.ndarray, metric: str, k: int = 10) -> float:
+    """Label-free compatibility: mean over items of |new-vs-new top-k ∩ new-vs-h(old) top-k| / k.
+
+    For each item i, A_i is the set of its k nearest neighbours among the other items' new embeddings and B_i the set
+    of its k nearest among the other items' transformed vectors, both searched with the new embedding of i;
+    the score is mean_i |A_i ∩ B_i| / k. 1 means h(old) reproduces the new model's neighbourhoods; a random h scores
+    about k / (N - 1).
+
+    Args:
+        new: (N, d_new) new-model embeddings of N >= 2 items.
+        transformed: (N, d_new) h(old[, side-info]) of the same items.
+        metric: ``l2`` or ``cosine``.
+        k: Neighbours per item; capped at N - 1 (each item's own row is excluded).
+
+    Returns:
+        A fraction in [0, 1].
+
+    Raises:
+        SearchError: shapes differ, fewer than 2 items, non-finite vectors.
+    """
+    ids = np.arange(len(new), dtype=np.int64)
+    k = min(k, len(new) - 1)
+    reference = GalleryIndex(new, metric, ids=ids).search(new, k, exclude_self=True, query_ids=ids).ids
+    candidate = GalleryIndex(transformed, metric, ids=ids).search(new, k, exclude_self=True, query_ids=ids).ids
+    shared = [len(np.intersect1d(a, b)) for a, b in zip(reference, candidate, strict=True)]
+    return float(np.mean(shared) / k)

@@ -11,7 +11,7 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -123,7 +123,7 @@ def write_embedding_set(path: str | os.PathLike, batches: EmbeddingBatch | Itera
                         model: ModelRef, side_info_model: ModelRef | None = None,
                         metric: Literal["l2", "cosine"] = "l2", normalized: bool = False,
                         lineage: Iterable[str] = (), shard_rows: int = 65536,
-                        overwrite: bool = False) -> EmbeddingSet:
+                        overwrite: bool = False, extra_files: Mapping[str, bytes] | None = None) -> EmbeddingSet:
     """Stream batches into a new set at ``path``: written in a temp dir beside it, then renamed into place.
 
     Leftover ``.tmp-<name>.*`` dirs of an interrupted write to ``path`` are removed first and are never listed
@@ -137,6 +137,8 @@ def write_embedding_set(path: str | os.PathLike, batches: EmbeddingBatch | Itera
         normalized: every embedding has unit L2 norm (checked to 1e-3).
         lineage: history, e.g. ["gallery v1 embedded", "h v1->v2 applied"].
         shard_rows: max rows per shard; the set has ceil(count / shard_rows) files.
+        extra_files: sidecar files written into the set with it, file name -> bytes (e.g. ``sources.json``, where
+            the items came from); not listed in the manifest, so readers of the set ignore them.
 
     Returns:
         The written set (not re-verified).
@@ -144,9 +146,14 @@ def write_embedding_set(path: str | os.PathLike, batches: EmbeddingBatch | Itera
     Raises:
         EmbeddingSetError: ``path`` exists (without ``overwrite``) or is not a set, bad metric or shard_rows,
             NaN/inf values, dim change between batches, side_info in only some batches or not matching
-            ``side_info_model``, duplicate item ids, no rows.
+            ``side_info_model``, duplicate item ids, no rows; an ``extra_files`` name that is not a plain file name
+            or is the manifest's or a shard's.
     """
     path = Path(path)
+    for name in extra_files or {}:
+        if name in (MANIFEST, ".", "..") or "/" in name or os.sep in name or re.fullmatch(r"part-\d{5}\.parquet", name):
+            raise EmbeddingSetError(f"extra file name {name!r} must be a plain file name other than {MANIFEST} and "
+                                    "part-NNNNN.parquet")
     if metric not in ("l2", "cosine"):
         raise EmbeddingSetError(f"metric must be 'l2' or 'cosine', got {metric!r}")
     if shard_rows < 1:
@@ -172,6 +179,8 @@ def write_embedding_set(path: str | os.PathLike, batches: EmbeddingBatch | Itera
             side_info_dim=None if first.side_info is None else first.side_info.shape[1],
             count=sum(s.rows for s in shards), metric=metric, normalized=normalized, shards=shards,
             lineage=list(lineage))
+        for name, data in (extra_files or {}).items():
+            _write_file(tmp / name, data)
         _write_file(tmp / MANIFEST, manifest.model_dump_json(indent=2).encode())
         _swap_in(tmp, path)
     except BaseException:

@@ -76,7 +76,8 @@ def _command_paths(command, prefix: tuple[str, ...] = ()) -> Iterator[tuple[str,
 
 def test_help_of_the_app_and_every_command():
     paths = list(_command_paths(typer.main.get_command(app)))
-    assert set(paths) == {(), ("models",), ("models", "list"), ("sets",), ("sets", "list"), ("lineage",),
+    assert set(paths) == {(), ("models",), ("models", "list"), ("models", "add"), ("sets",), ("sets", "list"),
+                          ("sets", "import"), ("sets", "export"), ("sets", "embed"), ("fit",), ("lineage",),
                           ("promote",), ("upgrade",), ("evaluate",), ("search",), ("ui",), ("serve",)}
     for path in paths:
         result = runner.invoke(app, [*path, "--help"])
@@ -89,7 +90,8 @@ def test_models_list_sets_list_and_lineage_show_the_versions(world):
     rows = table_rows(succeeds(cli(world, "models", "list")))
     assert [(r[0], r[2]) for r in rows] == [(v[k].role, k) for k in v]
     assert rows[2][1].startswith(f"fct-backbone/{v['v3'].version}") and "@champion" in rows[2][1]
-    assert rows[4][5:] == ["v1 -> v2 + s1", "0.620"] and rows[5][5:] == ["v2 -> v3 + s1", "0.450"]
+    assert rows[4][5:] == ["v1 -> v2 + s1", "0.620", ""] and rows[5][5:] == ["v2 -> v3 + s1", "0.450", ""]
+    assert [r[-1] for r in rows[:4]] == ["grayscale 28x28 nchw"] * 4
     rows = table_rows(succeeds(cli(world, "models", "list", "--role", "transformation")))
     assert [r[2] for r in rows] == ["h-v1-v2", "h-v2-v3"]
     (row,) = table_rows(succeeds(cli(world, "sets", "list")))

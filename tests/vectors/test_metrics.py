@@ -9,7 +9,7 @@ import pytest
 
 from fct_registry.core.errors import SearchError
 from fct_registry.vectors.compatibility import compatibility_table, gap_closed, plot_cases
-from fct_registry.vectors.metrics import retrieval_metrics
+from fct_registry.vectors.metrics import knn_overlap, retrieval_metrics
 
 
 def reference_metrics(queries, query_labels, gallery, gallery_labels, metric, query_ids, gallery_ids, top_k):
@@ -180,3 +180,25 @@ def test_plot_cases_writes_png(tmp_path):
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
     with pytest.raises(SearchError, match="cases is empty"):
         plot_cases({}, tmp_path / "empty.png")
+
+
+def knn_overlap_by_loop(new: np.ndarray, transformed: np.ndarray, k: int) -> float:
+    """Oracle: squared L2 distances by a plain loop, ties broken by position, own item skipped."""
+    def nearest(i: int, gallery: np.ndarray) -> set[int]:
+        distances = [(float(((new[i] - gallery[j]) ** 2).sum()), j) for j in range(len(gallery)) if j != i]
+        return {j for _, j in sorted(distances)[:k]}
+
+    shares = [len(nearest(i, new) & nearest(i, transformed)) / k for i in range(len(new))]
+    return sum(shares) / len(shares)
+
+
+def test_knn_overlap_equals_a_plain_loop_and_spans_zero_to_one():
+    rng = np.random.default_rng(0)
+    new = rng.normal(size=(40, 6)).astype(np.float32)
+    noisy = new + rng.normal(scale=0.5, size=new.shape).astype(np.float32)
+    assert knn_overlap(new, noisy, "l2", k=5) == pytest.approx(knn_overlap_by_loop(new, noisy, 5), abs=1e-9)
+    assert 0.2 < knn_overlap(new, noisy, "l2", k=5) < 1.0
+    assert knn_overlap(new, new + 1e-6, "l2", k=5) == 1.0
+    assert knn_overlap(new, rng.normal(size=new.shape).astype(np.float32), "l2", k=5) < 0.4
+    assert knn_overlap(new[:3], new[:3], "l2", k=10) == 1.0  # k capped at N - 1
+
