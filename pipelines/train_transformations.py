@@ -1,7 +1,8 @@
 """Stage train_transformations: forward transformations h on the new training set (FCT, Sec. 3).
 
 Trains h(v1, side-info) -> v2 and the ablation h(v1) -> v2 for every seed, then h(v2, side-info) -> v3 and
-the direct h(v1, side-info) -> v3 with the first seed. Each is exported to ONNX and parity-checked.
+the direct h(v1, side-info) -> v3 with the first seed. Cached features come from each model's ONNX file through
+ONNX Runtime and h is trained and exported by ``train_to_model_dir``: the same path as ``fct-registry fit``.
 """
 
 from pathlib import Path
@@ -12,24 +13,26 @@ from fct_registry.core.config import load_params
 from fct_registry.core.errors import report_errors_in_one_line
 from fct_registry.method.data import load_prepared
 from fct_registry.method.models.checkpoint import load_checkpoint
-from fct_registry.method.training import augmented_features, cached_features, embed, train_transformation
+from fct_registry.method.training import augmented_features, cached_features
+from fct_registry.onnx_boundary.embedding import embed_images
 from fct_registry.onnx_boundary.model_card import read_model_card
-from fct_registry.onnx_boundary.model_files import write_model_dir
+from fct_registry.onnx_boundary.runtime import OnnxModel
+from fct_registry.usecases.fit import train_to_model_dir
 
 report_errors_in_one_line()
 params = load_params()
 torch.set_num_threads(params.threads)
 train = load_prepared(Path("data/prepared"), "train")
 names = ("old", "side_info", "new", "v3")
-models = {name: load_checkpoint(f"models/{name}/model.pt") for name in names}
 cards = {name: read_model_card(f"models/{name}") for name in names}
 if params.transformation.training_data == "cached_features":
-    features = {name: embed(models[name], train.images) for name in names}
+    features = {name: embed_images(OnnxModel(f"models/{name}/model.onnx"), train.images) for name in names}
     source = lambda old, side, new: cached_features(features[old], features.get(side), features[new])  # noqa: E731
 else:
+    models = {name: load_checkpoint(f"models/{name}/model.pt") for name in names}
     source = lambda old, side, new: augmented_features(  # noqa: E731
         train.images, models[old], models.get(side), models[new], params.seed)
-seeds = params.transformation.seeds
+seeds, epochs = params.transformation.seeds, params.transformation.epochs
 jobs = [("old", "new", True, seeds), ("old", "new", False, seeds), ("new", "v3", True, seeds[:1]),
         ("old", "v3", True, seeds[:1])]
 for src, dst, with_side, job_seeds in jobs:
@@ -38,8 +41,10 @@ for src, dst, with_side, job_seeds in jobs:
     if with_side:
         links["side_info"] = cards["side_info"].ref
     for seed in job_seeds:
-        epoch_data = source(src, "side_info" if with_side else None, dst)
-        h, metrics = train_transformation(epoch_data, params.transformation, seed)
-        card = write_model_dir(h, Path(f"models/transformations/{label}/seed{seed}"), "transformation", label, metrics,
-                               links=links)
+        def log_epoch(epoch: int, values: dict, label: str = label, seed: int = seed) -> None:
+            print(f"{label} seed {seed} epoch {epoch + 1}/{epochs}: train MSE {values['train_mse']:.4f}", flush=True)
+
+        card, metrics = train_to_model_dir(source(src, "side_info" if with_side else None, dst), params.transformation,
+                                           seed, label, links, Path(f"models/transformations/{label}/seed{seed}"),
+                                           log_epoch)
         print(f"{label} seed {seed}: train MSE {metrics['train_mse']:.4f} in {metrics['seconds']:.0f} s -> {card.ref}")

@@ -32,13 +32,15 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pydantic import ValidationError
 
 from fct_registry.core.config import TransformationParams, load_params
 from fct_registry.core.errors import ConfigError
+from fct_registry.core.refs import ModelRef
+from fct_registry.onnx_boundary.model_card import ModelCard
 from fct_registry.onnx_boundary.runtime import OnnxModel
 from fct_registry.registry.model_registry import ModelRegistry
 from fct_registry.registry.publishing import publish_model
@@ -47,6 +49,9 @@ from fct_registry.usecases.features import FeatureProgress, Features
 from fct_registry.usecases.fit_data import FitData, FitModels, image_data, pairs_data, resolve_models
 from fct_registry.usecases.project import PARAMS_FILE, load_settings
 from fct_registry.vectors.metrics import knn_overlap, retrieval_metrics
+
+if TYPE_CHECKING:
+    from fct_registry.method.training import FeatureEpoch
 
 OVERLAP_K = 10
 EpochProgress = Callable[[int, int, float], None]
@@ -210,22 +215,50 @@ def fit_transformation(registry: ModelRegistry, source: str, target: str, side_i
                                git_commit or current_commit(registry.root), on_epoch)
 
 
+def train_to_model_dir(features: FeatureEpoch, params: TransformationParams, seed: int, label: str,
+                       links: dict[str, ModelRef], out_dir: str | os.PathLike,
+                       on_epoch: Callable[[int, dict[str, float]], None] | None = None
+                       ) -> tuple[ModelCard, dict[str, float]]:
+    """Train h (FCT Sec. 3) and write its model folder: the one training path of ``fit`` and the DVC pipeline.
+
+    Args:
+        features: Training rows per epoch, e.g. ``cached_features(old (N, d_old), side (N, d_side) or None,
+            new (N, d_new))`` (:mod:`fct_registry.method.training`).
+        params: Hyperparameters (``transformation:`` of params.yaml).
+        seed: Seeds initialisation and batch order.
+        label: The transformation's project label, e.g. ``h-v1-v2``.
+        links: ``source``, ``target`` and optionally ``side_info`` model refs.
+        out_dir: The model folder to write (``model.pt``, ``model.onnx`` checked against torch, ``model.json``).
+        on_epoch: Optional ``(epoch from 0, {"train_mse": ...})`` callback.
+
+    Returns:
+        The folder's model card and the training metrics (``train_mse``, ``seconds``).
+
+    Raises:
+        ExportError: the ONNX export fails its parity checks.
+    """
+    from fct_registry.method.training import train_transformation  # torch, loaded only to train
+    from fct_registry.onnx_boundary.model_files import write_model_dir
+
+    h, train_metrics = train_transformation(features, params, seed, on_epoch=on_epoch)
+    return write_model_dir(h, out_dir, "transformation", label, train_metrics, links=links), train_metrics
+
+
 def _train_and_register(registry: ModelRegistry, models: FitModels, data: FitData, params: TransformationParams,
                         seed: int, label: str, metric: str, top_k: list[int], git_commit: str,
                         on_epoch: EpochProgress | None) -> FitResult:
-    from fct_registry.method.training import cached_features, train_transformation  # torch, loaded only to fit
-    from fct_registry.onnx_boundary.model_files import write_model_dir
+    from fct_registry.method.training import cached_features  # torch, loaded only to fit
 
     epoch_callback = None
     if on_epoch is not None:
         epoch_callback = lambda epoch, values: on_epoch(epoch + 1, params.epochs, values["train_mse"])  # noqa: E731
-    h, train_metrics = train_transformation(cached_features(*data.train), params, seed, on_epoch=epoch_callback)
     links = {"source": models.source.ref, "target": models.target.ref}
     if models.side_info is not None:
         links["side_info"] = models.side_info.ref
     with tempfile.TemporaryDirectory(prefix="fct-fit-") as tmp:
         model_dir = Path(tmp) / label
-        write_model_dir(h, model_dir, "transformation", label, train_metrics, links=links)
+        _, train_metrics = train_to_model_dir(cached_features(*data.train), params, seed, label, links, model_dir,
+                                              epoch_callback)
         metrics = validation_metrics(model_dir / "model.onnx", data, metric, top_k)
         run_params = {"transformation": params.model_dump(mode="json"), "seed": seed,
                       "source": str(models.source.ref), "target": str(models.target.ref),
