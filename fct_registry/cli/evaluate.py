@@ -41,13 +41,15 @@ def search(
     images: Annotated[list[Path], typer.Argument(metavar="IMAGE...", help="PNG or JPEG files.")],
     k: Annotated[int, typer.Option(help="Neighbours per image.")] = 10,
     gallery: Annotated[str | None, typer.Option(help="Gallery set (default: the first set under --sets-root at "
-                                                     "the champion).")] = None,
+                                                     "the query model).")] = None,
+    model: Annotated[str | None, typer.Option(help="Backbone that embeds the images: number, label or @alias "
+                                                   "(default: @champion).")] = None,
 ) -> None:
-    """Find the k nearest gallery items of each image, embedded by the champion backbone."""
+    """Find the k nearest gallery items of each image, embedded by a backbone (the champion by default)."""
     project: Project = ctx.obj
     gallery_set = None if gallery is None else project_files.find_set(gallery, project.root, project.sets_root)
-    found = usecase.search_images(project.registry(), images, k,
-                                    f"@{project.settings().registry.champion_alias}", project.sets_root, gallery_set)
+    query_model = model if model is not None else f"@{project.settings().registry.champion_alias}"
+    found = usecase.search_images(project.registry(), images, k, query_model, project.sets_root, gallery_set)
     out = console()
     for image, ids, scores in zip(images, found.result.ids, found.result.scores, strict=True):
         out.print(f"{image}: {found.model.ref} in {found.gallery.path}", markup=False)

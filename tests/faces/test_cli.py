@@ -244,6 +244,16 @@ def test_search_returns_k_ids_of_the_champion_gallery(world, tmp_path):
     assert f"{world.versions['v3'].ref} in {sets_root / 'gallery_v3'}" in stdout
 
 
+def test_search_with_another_model_finds_its_gallery(world, tmp_path):
+    split = world.zoo.splits["test"]
+    Image.fromarray(split.images[7, 0]).save(tmp_path / "q.png")
+    stdout = succeeds(cli(world, "search", tmp_path / "q.png", "--k", "3", "--model", "v1"))
+    ids = [int(row[1]) for row in table_rows(stdout)]
+    assert ids[0] == split.item_ids[7] and len(ids) == 3
+    assert f"{world.versions['v1'].ref} in {world.gallery}" in stdout
+    fails(cli(world, "search", tmp_path / "q.png", "--model", "v3"), "no embedding set under", "is at v3@")
+
+
 def _get_json(url: str, timeout_s: float) -> dict:
     """GET ``url`` until it answers (the server is starting), at most ``timeout_s`` seconds."""
     deadline = time.monotonic() + timeout_s
