@@ -25,3 +25,10 @@ os.environ["DVC_NO_ANALYTICS"] = "1"
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("MLFLOW_REGISTRY_URI", None)
 tempfile.tempdir = str(_SANDBOX / "tmp")
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    """Remove the sandbox (models, stores, Ray's and DVC's files) once the session is over."""
+    import shutil
+
+    shutil.rmtree(_SANDBOX, ignore_errors=True)
