@@ -3,68 +3,34 @@ connect."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, get_args
 
 import typer
 
 from fct_registry.cli.common import console, named, row, table
-from fct_registry.registry.versions import RegisteredVersion
+from fct_registry.onnx_boundary.contract import InputContract
+from fct_registry.registry.publishing import IMAGE_ROLES, METRICS
+from fct_registry.registry.versions import ROLES, RegisteredVersion
 from fct_registry.usecases import models as usecase
 
 app = typer.Typer(no_args_is_help=True, help="Registered models (backbones, side-info, transformations).")
 lineage_app = typer.Typer()
 
 
-class Role(str, Enum):
-    """Model roles of the registry."""
-
-    backbone = "backbone"
-    side_info = "side-info"
-    transformation = "transformation"
+def _choices(name: str, values: Iterable[str]) -> type[Enum]:
+    """A str Enum of ``values`` for Typer's choice options, built from the library's own list of values."""
+    return Enum(name, {value: value for value in values}, type=str)
 
 
-class ImageRole(str, Enum):
-    """Roles a user's ONNX file can be added as."""
-
-    backbone = "backbone"
-    side_info = "side-info"
-
-
-class Metric(str, Enum):
-    """Distance the embeddings are searched with."""
-
-    l2 = "l2"
-    cosine = "cosine"
-
-
-class Color(str, Enum):
-    """Colour of the images the model takes."""
-
-    grayscale = "grayscale"
-    rgb = "rgb"
-
-
-class Layout(str, Enum):
-    """Axis order of the model input."""
-
-    nchw = "nchw"
-    nhwc = "nhwc"
-
-
-class Resize(str, Enum):
-    """How an image is brought to the input size."""
-
-    stretch = "stretch"
-    center_crop = "center_crop"
-
-
-class Preset(str, Enum):
-    """Named input contracts (see ``fct_registry.usecases.models.PRESETS``)."""
-
-    imagenet = "imagenet"
-    grayscale01 = "grayscale01"
+Role = _choices("Role", ROLES)
+ImageRole = _choices("ImageRole", IMAGE_ROLES)
+Metric = _choices("Metric", METRICS)
+Color, Layout, Resize = (_choices(field.title(), get_args(InputContract.model_fields[field].annotation))
+                         for field in ("color", "layout", "resize"))
+Preset = _choices("Preset", usecase.PRESETS)
 
 
 def _links(version: RegisteredVersion) -> str:

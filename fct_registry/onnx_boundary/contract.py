@@ -81,12 +81,25 @@ def parse_contract(text: str, where: str) -> InputContract:
     Raises:
         DataError: not valid JSON or not a valid contract (names ``where``, the field and the problem).
     """
+    return _validated(InputContract.model_validate_json, text, f" in {where}")
+
+
+def contract_from_fields(fields: Mapping[str, object]) -> InputContract:
+    """Build a contract from field values (e.g. command-line options over a preset).
+
+    Raises:
+        DataError: a field is missing or invalid (named, with the problem).
+    """
+    return _validated(InputContract.model_validate, dict(fields), "")
+
+
+def _validated(validate, value: object, where: str) -> InputContract:
     try:
-        return InputContract.model_validate_json(text)
+        return validate(value)
     except ValidationError as exc:
         first = exc.errors()[0]
         field = ".".join(str(part) for part in first["loc"]) or "contract"
-        raise DataError(f"invalid input contract in {where}: {field}: {first['msg']}") from None
+        raise DataError(f"invalid input contract{where}: {field}: {first['msg']}") from None
 
 
 def contract_from_tags(tags: Mapping[str, str], onnx_input_shape: tuple[object, ...], where: str) -> InputContract:

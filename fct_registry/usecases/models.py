@@ -8,8 +8,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
-
 from fct_registry.core.errors import ConfigError, DataError
 from fct_registry.core.refs import ModelRef
 from fct_registry.onnx_boundary.contract import (
@@ -17,6 +15,7 @@ from fct_registry.onnx_boundary.contract import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     InputContract,
+    contract_from_fields,
     parse_contract,
 )
 from fct_registry.onnx_boundary.validation import validate_image_model
@@ -70,9 +69,9 @@ def build_contract(preset: str | None = None, contract_file: str | os.PathLike |
             ``pixel_range``, ``mean``, ``std``); None values are ignored.
 
     Raises:
-        ConfigError: an unknown preset, a contract file together with a preset or fields, or an incomplete or
-            invalid contract (names the field and the problem).
-        DataError: the contract file cannot be read or is not a valid contract.
+        ConfigError: an unknown preset, or a contract file together with a preset or fields.
+        DataError: the contract file cannot be read, or the contract is incomplete or invalid (names the field and
+            the problem).
     """
     given = {key: value for key, value in fields.items() if value is not None}
     if contract_file is not None:
@@ -87,12 +86,7 @@ def build_contract(preset: str | None = None, contract_file: str | os.PathLike |
     if preset is not None and preset not in PRESETS:
         raise ConfigError(f"unknown contract preset {preset!r}; expected one of {', '.join(PRESETS)}")
     values = {**PRESETS.get(preset or "", {}), **given}
-    try:
-        return InputContract.model_validate(values)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        field = ".".join(str(part) for part in first["loc"]) or "contract"
-        raise ConfigError(f"invalid input contract: {field}: {first['msg']}") from None
+    return contract_from_fields(values)
 
 
 def add_model(registry: ModelRegistry, path: str | os.PathLike, role: str, label: str, contract: InputContract,

@@ -17,6 +17,7 @@ import numpy as np
 import psutil
 import pytest
 import typer.main
+from cli_checks import fails, succeeds, table_rows
 from mlflow import MlflowClient
 from PIL import Image
 from typer.testing import CliRunner
@@ -40,26 +41,6 @@ def cli(world: factories.World, *args: str, sets_root: Path | None = None):
     """Run ``fct-registry --root <world> [--sets-root ...] args...``."""
     options = ["--root", str(world.root)] + (["--sets-root", str(sets_root)] if sets_root is not None else [])
     return runner.invoke(app, [*options, *map(str, args)])
-
-
-def succeeds(result) -> str:
-    assert result.exit_code == 0, f"exit {result.exit_code}\n{result.output}\n{result.exception!r}"
-    return result.stdout
-
-
-def fails(result, *phrases: str) -> None:
-    """Exit code 1 and exactly one ``error: ...`` line on stderr containing every phrase."""
-    assert result.exit_code == 1, f"exit {result.exit_code}\n{result.output}\n{result.exception!r}"
-    (line,) = result.stderr.splitlines()
-    assert line.startswith("error: ")
-    for phrase in phrases:
-        assert phrase in line
-
-
-def table_rows(stdout: str) -> list[list[str]]:
-    """Body rows of the rich tables in ``stdout``, as stripped cells."""
-    lines = [line for line in stdout.splitlines() if line.startswith("│")]
-    return [[cell.strip() for cell in line.split("│")[1:-1]] for line in lines]
 
 
 def mlflow_runs(world: factories.World) -> int:

@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from cli_checks import fails, succeeds
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -38,19 +39,6 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> factories.World:
 
 def cli(world: factories.World, *args: str):
     return runner.invoke(app, ["--root", str(world.root), *map(str, args)])
-
-
-def succeeds(result) -> str:
-    assert result.exit_code == 0, f"exit {result.exit_code}\n{result.output}\n{result.exception!r}"
-    return result.stdout
-
-
-def fails(result, *phrases: str) -> None:
-    assert result.exit_code == 1, f"exit {result.exit_code}\n{result.output}\n{result.exception!r}"
-    (line,) = result.stderr.splitlines()
-    assert line.startswith("error: ")
-    for phrase in phrases:
-        assert phrase in line
 
 
 def transformations(world: factories.World) -> list[str]:

@@ -11,6 +11,7 @@ from pathlib import Path
 import factories
 import pytest
 import torch
+from cli_checks import fails, succeeds, table_rows
 from torch import nn
 from typer.testing import CliRunner
 
@@ -70,26 +71,6 @@ def project(tmp_path_factory: pytest.TempPathFactory, empty_store) -> Path:
 
 def cli(root: Path, *args: object):
     return runner.invoke(app, ["--root", str(root), *map(str, args)])
-
-
-def succeeds(result) -> str:
-    assert result.exit_code == 0, f"exit {result.exit_code}\n{result.output}\n{result.exception!r}"
-    return result.stdout
-
-
-def fails(result, *phrases: str) -> str:
-    """Exit code 1 and exactly one ``error: ...`` line on stderr containing every phrase."""
-    assert result.exit_code == 1, f"exit {result.exit_code}\n{result.output}\n{result.exception!r}"
-    (line,) = result.stderr.splitlines()
-    assert line.startswith("error: ")
-    for phrase in phrases:
-        assert phrase in line, line
-    return line
-
-
-def table_rows(stdout: str) -> list[list[str]]:
-    lines = [line for line in stdout.splitlines() if line.startswith("│")]
-    return [[cell.strip() for cell in line.split("│")[1:-1]] for line in lines]
 
 
 def test_a_bad_file_writes_nothing_not_even_the_registry(tmp_path, files):

@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from cli_checks import fails, succeeds
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -35,21 +36,6 @@ def sets_root(world: factories.World, tmp_path: Path) -> Path:
 
 def cli(world: factories.World, sets_root: Path, *args: object):
     return runner.invoke(app, ["--root", str(world.root), "--sets-root", str(sets_root), *map(str, args)])
-
-
-def succeeds(result) -> str:
-    assert result.exit_code == 0, f"exit {result.exit_code}\n{result.output}\n{result.exception!r}"
-    return result.stdout
-
-
-def fails(result, *phrases: str) -> str:
-    """Exit code 1 and exactly one ``error: ...`` line on stderr containing every phrase."""
-    assert result.exit_code == 1, f"exit {result.exit_code}\n{result.output}\n{result.exception!r}"
-    (line,) = result.stderr.splitlines()
-    assert line.startswith("error: ")
-    for phrase in phrases:
-        assert phrase in line, line
-    return line
 
 
 def user_parquet(world: factories.World, path: Path, poison_row: int | None = None) -> Path:
