@@ -10,6 +10,7 @@ import textwrap
 
 import numpy as np
 import pytest
+from batch_checks import assert_batches_equal
 
 from fct_registry.core.errors import EmbeddingSetError, VersionMismatchError
 from fct_registry.core.refs import ModelRef
@@ -43,17 +44,6 @@ def concat(batches: list[EmbeddingBatch]) -> EmbeddingBatch:
     )
 
 
-def assert_batches_equal(got: EmbeddingBatch, want: EmbeddingBatch) -> None:
-    assert got.ids.dtype == np.int64 and got.labels.dtype == np.int64
-    assert got.embeddings.dtype == np.float32 and got.embeddings.flags.c_contiguous
-    np.testing.assert_array_equal(got.ids, want.ids)
-    np.testing.assert_array_equal(got.labels, want.labels)
-    np.testing.assert_array_equal(got.embeddings, want.embeddings)
-    if want.side_info is None:
-        assert got.side_info is None
-    else:
-        assert got.side_info.dtype == np.float32
-        np.testing.assert_array_equal(got.side_info, want.side_info)
 
 
 def test_model_ref_identity_and_str():

@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from batch_checks import assert_batches_equal
 
 from fct_registry.core.errors import DataError, EmbeddingSetError
 from fct_registry.core.refs import ModelRef
@@ -61,14 +62,6 @@ def write_npy(folder: Path, batch: EmbeddingBatch, **overrides: np.ndarray) -> P
     return folder
 
 
-def assert_same(got: EmbeddingBatch, want: EmbeddingBatch) -> None:
-    np.testing.assert_array_equal(got.ids, want.ids)
-    np.testing.assert_array_equal(got.labels, want.labels)
-    np.testing.assert_array_equal(got.embeddings, want.embeddings)
-    if want.side_info is None:
-        assert got.side_info is None
-    else:
-        np.testing.assert_array_equal(got.side_info, want.side_info)
 
 
 def import_into(path: Path, source, rows: int = 4) -> EmbeddingSet:
@@ -91,7 +84,7 @@ def test_parquet_import_with_custom_columns_stores_the_values(tmp_path, fixed):
     source = ParquetSource(path, Columns("pk", "vec", "aux", "cls"))
     assert (source.count, source.dim, source.side_info_dim) == (N, D, D_SIDE)
     stored = import_into(tmp_path / "sets" / "g", source)
-    assert_same(EmbeddingSet.open(stored.path).read(), want)
+    assert_batches_equal(EmbeddingSet.open(stored.path).read(), want)
     assert stored.manifest.lineage == [f"imported from {path}"]
 
 
@@ -115,7 +108,7 @@ def test_streaming_in_small_batches_equals_reading_whole(tmp_path, rows):
     for source in (parquet, npy):
         batches = list(source.iter_batches(rows))
         assert [len(b) for b in batches][:-1] == [rows] * (len(batches) - 1) and max(map(len, batches)) <= rows
-        assert_same(concat_batches(batches), want)
+        assert_batches_equal(concat_batches(batches), want)
 
 
 def test_npy_import_memory_maps_and_converts_dtypes(tmp_path):
@@ -126,7 +119,7 @@ def test_npy_import_memory_maps_and_converts_dtypes(tmp_path):
     assert isinstance(source, NpySource) and source._embeddings.dtype == np.float64
     assert isinstance(source._embeddings, np.memmap)
     stored = import_into(tmp_path / "sets" / "g", source, rows=5)
-    assert_same(stored.read(), want)
+    assert_batches_equal(stored.read(), want)
 
 
 @pytest.mark.parametrize("fmt", ["parquet", "npy"])
@@ -148,7 +141,7 @@ def test_export_then_import_round_trips_and_leaves_the_set_untouched(tmp_path, f
         assert schema.field("embedding").type == pa.list_(pa.float32(), D)
         assert pq.ParquetFile(result.path).metadata.num_row_groups == 7
     back = open_source(result.path, Columns(side_info="side_info"))
-    assert_same(concat_batches(list(back.iter_batches(6))), want)
+    assert_batches_equal(concat_batches(list(back.iter_batches(6))), want)
 
 
 def test_export_refuses_to_overwrite_unless_asked_and_then_replaces(tmp_path):
