@@ -16,7 +16,6 @@ Both layouts are read back by :func:`fct_registry.vectors.importing.open_source`
 from __future__ import annotations
 
 import os
-import shutil
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ import pyarrow.parquet as pq
 
 from fct_registry.core.errors import EmbeddingSetError
 from fct_registry.vectors.embedding_set import EmbeddingSet
+from fct_registry.vectors.set_writer import remove_path, swap_in
 
 NPY_FILES = ("ids.npy", "labels.npy", "embeddings.npy", "side_info.npy")
 Format = Literal["parquet", "npy"]
@@ -141,18 +141,12 @@ def export_set(embedding_set: EmbeddingSet, out: str | os.PathLike, format: Form
         _replaceable(out, format)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".tmp-{out.name}.new-{uuid.uuid4().hex}"
-    old = out.parent / f".tmp-{out.name}.old-{uuid.uuid4().hex}"
     write = _write_parquet if format == "parquet" else _write_npy
     try:
         write(embedding_set, tmp, rows, progress or (lambda _done: None))
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
+        swap_in(tmp, out)
     except BaseException:
-        if old.exists() and not out.exists():
-            os.replace(old, out)
-        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        remove_path(tmp)
         raise
-    shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
     files = (out.name,) if format == "parquet" else tuple(sorted(p.name for p in out.iterdir()))
     return Export(out, format, embedding_set.manifest.count, files)

@@ -106,7 +106,13 @@ def _write_shards(tmp: Path, batches: Iterable[EmbeddingBatch], normalized: bool
     return first, shards, ids
 
 
-def _swap_in(tmp: Path, path: Path) -> None:
+def swap_in(tmp: Path, path: Path) -> None:
+    """Move the finished ``tmp`` (a file or a folder) to ``path``, replacing what is there only once ``tmp`` is
+    complete; if the final rename fails, the previous ``path`` is put back.
+
+    Raises:
+        OSError: the rename failed (``path`` is as it was).
+    """
     old = path.parent / f".tmp-{path.name}.old-{uuid.uuid4().hex}"
     if path.exists():
         os.replace(path, old)
@@ -116,7 +122,15 @@ def _swap_in(tmp: Path, path: Path) -> None:
         if old.exists():
             os.replace(old, path)
         raise
-    shutil.rmtree(old, ignore_errors=True)
+    remove_path(old)
+
+
+def remove_path(path: Path) -> None:
+    """Remove a file or a folder tree if it exists."""
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def write_embedding_set(path: str | os.PathLike, batches: EmbeddingBatch | Iterable[EmbeddingBatch],
@@ -182,7 +196,7 @@ def write_embedding_set(path: str | os.PathLike, batches: EmbeddingBatch | Itera
         for name, data in (extra_files or {}).items():
             _write_file(tmp / name, data)
         _write_file(tmp / MANIFEST, manifest.model_dump_json(indent=2).encode())
-        _swap_in(tmp, path)
+        swap_in(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
