@@ -9,10 +9,11 @@ QUICK := -S data.train_limit=6000 -S data.test_limit=2000 -S old.epochs=1 -S sid
 
 .PHONY: setup demo quick test sweep bench clean
 
-$(BIN)/fct-registry: pyproject.toml
+# constraints.txt pins every package to the versions the README's figures were measured with.
+$(BIN)/fct-registry: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev]' -c constraints.txt
 	touch $@
 
 # Debian ships Fashion-MNIST as a package; elsewhere the prepare stage falls back to torchvision's downloader.

@@ -98,7 +98,7 @@ def synth_set(path: Path, rows: int, dim: int, model: ModelRef, side_dim: int | 
             n = min(SHARD_ROWS, rows - start)
             side = None if side_dim is None else rng.standard_normal((n, side_dim), dtype=np.float32)
             yield EmbeddingBatch(np.arange(start, start + n), np.full(n, -1),
-                                 rng.standard_normal((n, dim), dtype=np.float32), side)
+                                 rng.standard_normal((n, dim), dtype=np.float32), side, model=model)
 
     side_model = None if side_dim is None else synthetic_ref(SIDE_LABEL)
     return write_embedding_set(path, batches(), model, side_model, lineage=[f"bench: {rows} synthetic rows"],

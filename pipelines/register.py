@@ -25,6 +25,7 @@ lock = yaml.safe_load(Path("dvc.lock").read_text())
 data_hash = next(o["md5"] for o in lock["stages"]["prepare"]["outs"] if o["path"] == "data/prepared")
 commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip() or "unknown"
 cases = json.loads(Path("metrics/retrieval.json").read_text())["cases"]
+per_seed = json.loads(Path("reports/per_seed.json").read_text())
 seed = params.transformation.seeds[0]
 v1, v2, v3 = params.old.version, params.new.version, params.v3.version
 sections = {"models/old": ["protocol", "old"], "models/side_info": ["side_info"], "models/new": ["new"],
@@ -37,10 +38,15 @@ published = {}
 for folder, keys in sections.items():
     version = publish_model(registry, folder, params.evaluation.metric, data_hash, commit, {k: dump[k] for k in keys})
     published[folder] = {"name": version.name, "version": version.version, "label": version.ref.label}
+keys = ("cmc_top1", "cmc_top5", "map")
 for label, case in transformations.items():
-    measured = {k: cases[case][k] for k in ("cmc_top1", "cmc_top5", "map")}
+    # The registered file is seed `seed`: its tags carry that seed's own scores; the spread over seeds goes apart.
+    own = per_seed[case][str(seed)] if case in per_seed else cases[case]
+    spread = {"seeds": params.transformation.seeds, **{f"{k}_mean": cases[case][k] for k in keys},
+              **{f"{k}_std": cases[case][f"{k}_std"] for k in keys if f"{k}_std" in cases[case]}}
     version = publish_model(registry, f"models/transformations/{label}/seed{seed}", params.evaluation.metric,
-                            data_hash, commit, {"transformation": dump["transformation"], "seed": seed}, measured)
+                            data_hash, commit, {"transformation": dump["transformation"], "seed": seed},
+                            {k: own[k] for k in keys}, extra_tags={"seed": seed, "seed_spread": spread})
     published[label] = {"name": version.name, "version": version.version, "label": version.ref.label}
 promotion = promote(registry, published["models/v3"]["version"], "embeddings", params.registry.champion_alias,
                     params.registry.promote_map_floor)

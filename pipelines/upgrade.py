@@ -16,8 +16,9 @@ params = load_params()
 registry = open_registry(".")
 champion = registry.resolve_alias("backbone", params.registry.champion_alias)
 source = EmbeddingSet.open("embeddings/gallery_v1", verify=False)  # run_upgrade verifies its shards once
-steps, upgraded = run_upgrade(registry, source, champion, default_output("embeddings", source, champion),
-                              on_plan=lambda steps: print("\n".join(f"plan: {step}" for step in steps)))
+done = run_upgrade(registry, source, champion, default_output("embeddings", source, champion),
+                   on_plan=lambda steps: print("\n".join(f"plan: {step}" for step in steps)))
+steps, upgraded = done.steps, done.output
 result = evaluate_gallery(registry, str(champion.version), upgraded, "data/prepared", top_k=params.evaluation.top_k)
 report = {"source": str(source.path), "target": str(champion), "chain": [step.name for step in steps],
           "output": str(upgraded.path), "count": upgraded.manifest.count,

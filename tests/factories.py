@@ -140,7 +140,7 @@ def start_empty_store(folder: Path) -> Callable[[], Path]:
     """Start creating an empty, migrated MLflow SQLite database in a child process (~8 s of schema migrations,
     overlapping the model exports); the returned function waits for it and gives the database path to copy."""
     script = ("from fct_registry.registry.model_registry import ModelRegistry; "
-              f"ModelRegistry({str(folder)!r}).versions('backbone')")
+              f"ModelRegistry({str(folder)!r}).store.client")
     child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True)
 
@@ -261,7 +261,8 @@ def without_side_info(source: Path, dest: Path) -> EmbeddingSet:
     """A copy of the set at ``source`` without its side-info column (same model, ids, embeddings)."""
     stored = EmbeddingSet.open(source)
     batch = stored.read()
-    return write_embedding_set(dest, EmbeddingBatch(batch.ids, batch.labels, batch.embeddings),
+    return write_embedding_set(dest, EmbeddingBatch(batch.ids, batch.labels, batch.embeddings,
+                                                    model=stored.manifest.model),
                                stored.manifest.model, lineage=stored.manifest.lineage)
 
 

@@ -3,9 +3,9 @@
 One module per command group (:mod:`fct_registry.cli.models`, ``sets``, ``promote``, ``upgrade``, ``evaluate``,
 ``ui``), each a Typer app over the matching :mod:`fct_registry.usecases` module, assembled here. Paths of the
 project (``SET``, ``--out``, ``--data``, ``--sets-root``) are relative to ``--root``; image files are ordinary paths.
-Model versions are an MLflow version number (``3``), a label (``v3``) or an alias (``@champion``). A domain error
-(:class:`~fct_registry.core.errors.FctError`) raised by any command prints one ``error: ...`` line on stderr and
-exits with code 1; a failed command writes nothing.
+Model versions are an MLflow version number (``3``), a label (``v3``) or an alias (``@champion``). Any error raised
+by a command prints one ``error: ...`` line on stderr and exits with code 1 (``--debug`` shows the traceback); a
+failed command writes nothing, and a command that only reads creates nothing.
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ def main(
     root: Annotated[Path, typer.Option(help="Project directory (params.yaml, registry/, data/).")] = Path("."),
     sets_root: Annotated[Path, typer.Option(help="Folder of embedding sets, relative to --root.")] = Path(
         "embeddings"),
+    debug: Annotated[bool, typer.Option("--debug", help="Show the traceback of an error instead of one line.")
+                     ] = False,
 ) -> None:
     """Forward compatible training registry."""
-    use_project(ctx, root, sets_root)
+    use_project(ctx, root, sets_root, debug)

@@ -2,40 +2,74 @@
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 from typer.core import TyperGroup
+from typer.exceptions import TyperException
 
-from fct_registry.core.errors import FctError
+from fct_registry.core.errors import ConfigError, FctError
 from fct_registry.registry.model_registry import ModelRegistry
 from fct_registry.registry.versions import RegisteredVersion
 from fct_registry.usecases import project as project_files
 
 
 class Commands(TyperGroup):
-    """Runs a command; a domain error becomes one ``error: ...`` line on stderr and exit code 1."""
+    """Runs a command; any error becomes one ``error: ...`` line on stderr and exit code 1.
+
+    A domain error (:class:`~fct_registry.core.errors.FctError`) prints its message; any other exception (raised
+    inside MLflow, SQLAlchemy, ONNX Runtime, Ray, ...) prints its type and the first line of its message. With
+    ``--debug`` (or ``FCT_REGISTRY_DEBUG=1``) the traceback is shown instead. Usage errors, ``--help`` and Ctrl-C
+    keep click's own handling.
+    """
 
     def invoke(self, ctx: typer.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except FctError as exc:
-            typer.echo(f"error: {exc}", err=True)
+        except (TyperException, typer.Exit, typer.Abort):
+            raise
+        except BrokenPipeError:  # the reader went away (e.g. `| head`): nothing more to say to it
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             raise typer.Exit(1) from None
+        except Exception as exc:
+            if _debugging(ctx):
+                raise
+            typer.echo(f"error: {one_line(exc)}", err=True)
+            raise typer.Exit(1) from None
+
+
+def one_line(exc: BaseException) -> str:
+    """A domain error's message, or ``<Type>: <first line>`` for any other exception (one line either way)."""
+    text = " ".join(str(exc).split()) if isinstance(exc, FctError) else ""
+    if not text:
+        lines = str(exc).strip().splitlines()
+        text = f"{type(exc).__name__}: {lines[0].strip()}" if lines else type(exc).__name__
+    return text
+
+
+def _debugging(ctx: typer.Context) -> bool:
+    project = ctx.obj
+    return bool(getattr(project, "debug", False)) or os.environ.get(DEBUG_VARIABLE, "") not in ("", "0")
+
+
+DEBUG_VARIABLE = "FCT_REGISTRY_DEBUG"
 
 
 @dataclass(frozen=True)
 class Project:
-    """The global options: project root and the folder of embedding sets."""
+    """The global options: project root, the folder of embedding sets, and whether to show tracebacks."""
 
     root: Path
     sets_root: Path
+    debug: bool = False
 
     def registry(self) -> ModelRegistry:
         """The project's registry (tracking URI from params.yaml, ``MLFLOW_TRACKING_URI`` or the default)."""
@@ -46,29 +80,64 @@ class Project:
         return project_files.load_settings(self.root)
 
 
-def use_project(ctx: typer.Context, root: Path, sets_root: Path) -> None:
-    """Store the global options in ``ctx.obj`` for every command."""
-    # This CLI draws its own progress bars; MLflow's artifact-download bars would clutter stderr.
+def use_project(ctx: typer.Context, root: Path, sets_root: Path, debug: bool = False) -> None:
+    """Store the global options in ``ctx.obj`` for every command.
+
+    Raises:
+        ConfigError: ``root`` is not an existing folder (nothing is created for a mistyped path).
+    """
+    if not root.is_dir():
+        raise ConfigError(f"--root {str(root)!r} is not an existing folder; expected the project directory "
+                          "(create it first)")
+    # This CLI draws its own progress bars and reports its own outcome: MLflow's artifact-download bars and INFO
+    # lines (e.g. its store migrations) would clutter stderr.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    ctx.obj = Project(root, root / sets_root)
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    ctx.obj = Project(root, root / sets_root, debug)
 
 
 def console() -> Console:
-    """A console for results (stdout), without syntax highlighting."""
-    return Console(highlight=False)
+    """A console for results (stdout), without syntax highlighting.
+
+    In a terminal, tables fit its width; piped into a file or another program, lines are as long as their content
+    (rich would otherwise cut them at 80 columns).
+    """
+    piped = not sys.stdout.isatty() and "COLUMNS" not in os.environ
+    return Console(highlight=False, width=PIPED_WIDTH if piped else None)
+
+
+PIPED_WIDTH = 100_000
 
 
 def table(title: str, *columns: str) -> Table:
-    """A left-titled table with the given column headers."""
+    """A left-titled table with the given column headers; a cell too wide for the terminal folds onto more
+    lines, it is never cut (identifiers stay whole)."""
     result = Table(title=title, title_justify="left")
     for column in columns:
-        result.add_column(column)
+        result.add_column(column, overflow="fold")
     return result
 
 
 def row(result: Table, *cells: object) -> None:
     """Add a row of plain-text cells (no rich markup interpreted)."""
     result.add_row(*(Text(str(cell)) for cell in cells))
+
+
+AsJson = Annotated[bool, typer.Option("--json", help="Print JSON (for scripts) instead of a table.")]
+
+
+def print_json(value: Any) -> None:
+    """Write ``value`` as indented JSON on stdout (pydantic models, e.g. model refs, as objects; paths as strings)."""
+    def encode(item: Any) -> Any:
+        return item.model_dump(mode="json") if hasattr(item, "model_dump") else str(item)
+
+    typer.echo(json.dumps(value, indent=2, default=encode))
+
+
+def version_json(version: RegisteredVersion) -> dict[str, Any]:
+    """A registered version for ``--json`` output: name, number, role, label, full sha256, aliases, tags."""
+    return {"name": version.name, "version": version.version, "role": version.role, "label": version.ref.label,
+            "sha256": version.ref.sha256, "aliases": list(version.aliases), "tags": dict(version.tags)}
 
 
 def named(version: RegisteredVersion | None) -> str:

@@ -10,7 +10,7 @@ from typing import Annotated, get_args
 
 import typer
 
-from fct_registry.cli.common import console, named, row, table
+from fct_registry.cli.common import AsJson, console, named, print_json, row, table, version_json
 from fct_registry.onnx_boundary.contract import InputContract
 from fct_registry.registry.publishing import IMAGE_ROLES, METRICS
 from fct_registry.registry.versions import ROLES, RegisteredVersion
@@ -45,10 +45,14 @@ def _links(version: RegisteredVersion) -> str:
 def models_list(
     ctx: typer.Context,
     role: Annotated[Role | None, typer.Option(help="Only this role.")] = None,
+    as_json: AsJson = False,
 ) -> None:
     """List registered model versions with their identity, dim, aliases and links."""
     roles = [role.value] if role is not None else [r.value for r in Role]
     versions = usecase.list_models(ctx.obj.registry(), roles)
+    if as_json:
+        print_json([version_json(v) for v in versions])
+        return
     listing = table("registered models", "role", "version", "label", "sha256", "dim", "links", "mAP", "contract")
     for v in versions:
         row(listing, v.role, named(v), v.ref.label, v.ref.sha256[:12], v.tags.get("fct.embedding_dim", ""),
@@ -105,7 +109,14 @@ def models_add(
 
 
 @lineage_app.command()
-def lineage(ctx: typer.Context) -> None:
+def lineage(ctx: typer.Context, as_json: AsJson = False) -> None:
     """Show which backbone version came from which, through which transformation (a text tree)."""
-    tree = usecase.lineage_text(ctx.obj.registry())
+    registry = ctx.obj.registry()
+    if as_json:
+        print_json({"backbones": [version_json(v) for v in registry.versions("backbone")],
+                    "transformations": [{"transformation": e.transformation, "source": e.source, "target": e.target,
+                                         "side_info": e.side_info, "map": e.map}
+                                        for e in registry.transformation_edges()]})
+        return
+    tree = usecase.lineage_text(registry)
     console().print(tree or "no backbone registered", markup=False)

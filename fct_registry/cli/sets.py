@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from fct_registry.cli.common import Project, console, named, row, table
+from fct_registry.cli.common import AsJson, Project, console, named, print_json, row, table
 from fct_registry.usecases import project as project_files
 from fct_registry.usecases import sets as usecase
 from fct_registry.vectors.embedding_set import EmbeddingSet
@@ -19,16 +19,45 @@ app = typer.Typer(no_args_is_help=True, help="Stored embedding sets.")
 
 
 @app.command("list")
-def sets_list(ctx: typer.Context) -> None:
-    """List the embedding sets under --sets-root with the backbone version of their vectors."""
+def sets_list(ctx: typer.Context, as_json: AsJson = False) -> None:
+    """List the embedding sets under --sets-root with the backbone version of their vectors (and any invalid set
+    or unfinished write)."""
     project: Project = ctx.obj
+    found = usecase.list_sets(project.registry(), project.sets_root)
+    if as_json:
+        print_json({"sets": [{"path": e.embedding_set.path, "registered_as": named(e.backbone),
+                              **e.embedding_set.manifest.model_dump(mode="json", exclude={"shards", "lineage"})}
+                             for e in found.entries],
+                    "invalid": [{"path": path, "reason": reason} for path, reason in found.invalid],
+                    "unfinished": found.unfinished})
+        return
     listing = table(f"embedding sets under {project.sets_root}", "set", "model", "registered as", "side-info",
                    "dim", "count", "metric")
-    for entry in usecase.list_sets(project.registry(), project.sets_root):
+    for entry in found.entries:
         m = entry.embedding_set.manifest
         row(listing, entry.embedding_set.path.relative_to(project.sets_root), m.model, named(entry.backbone),
              m.side_info_model or "-", m.dim, m.count, m.metric)
-    console().print(listing)
+    out = console()
+    out.print(listing)
+    for path, reason in found.invalid:
+        out.print(f"invalid set {path.relative_to(project.sets_root)}: {reason}", markup=False)
+    for path in found.unfinished:
+        out.print(f"unfinished write {path.relative_to(project.sets_root)} (interrupted, or still running); "
+                  "`fct-registry sets clean` removes it", markup=False)
+
+
+@app.command("clean")
+def sets_clean(
+    ctx: typer.Context,
+    min_age: Annotated[float, typer.Option(help="Remove only leftovers not modified for this many minutes (a "
+                                                "younger one may be a write still running).")] = 10.0,
+) -> None:
+    """Remove the hidden .tmp-* folders that interrupted writes left under --sets-root."""
+    project: Project = ctx.obj
+    removed = usecase.clean_unfinished(project.sets_root, min_age * 60)
+    for path in removed:
+        console().print(f"removed {path.relative_to(project.sets_root)}", markup=False)
+    console().print(f"removed {len(removed)} unfinished write(s)", markup=False)
 
 
 class Format(str, Enum):

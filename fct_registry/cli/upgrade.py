@@ -60,12 +60,16 @@ def upgrade(
     with Progress(TextColumn("upgrading"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=out, disable=dry_run) as bar:
         task = bar.add_task("upgrade", total=source.manifest.count)
-        _, output = usecase.run_upgrade(
+        result = usecase.run_upgrade(
             registry, source, target, dest, engine=engine.value, address=address, dry_run=dry_run,
             batch_rows=batch_rows, progress=lambda done, _total: bar.update(task, completed=done),
             on_plan=lambda steps: out.print(_plan_table(source, target, dest, steps)))
+    output = result.output
     if output is None:
-        out.print(f"dry run: the chain is valid; nothing was written ({dest} would be created)", markup=False)
+        out.print(f"dry run: the chain is valid; nothing was written ({result.note})", markup=False)
+    elif result.state == "completed":
+        out.print(f"{output.path} already holds this upgrade ({output.manifest.count} items at "
+                  f"{output.manifest.model}, verified); its MLflow run is recorded", markup=False)
     else:
         out.print(f"wrote {output.path}: {output.manifest.count} items at {output.manifest.model}; "
-                      "recorded as an MLflow run of experiment fct-registry", markup=False)
+                  "recorded as an MLflow run of experiment fct-registry", markup=False)

@@ -124,7 +124,9 @@ def apply_chain(models: Sequence[OnnxModel], steps: Sequence[ChainStep], embeddi
         steps: The chain, in order.
         embeddings: (B, d) float32 vectors of the chain's first source model.
         side_info: (B, d_side) float32 stored side-info, fed to every step that takes it; None if the set has none.
-        ids: (B,) int64 item ids; when given, each step's output is checked for NaN/inf.
+        ids: (B,) int64 item ids; when given, each step's output is checked for NaN/inf. Without ids (a Ray
+            actor, whose driver checks the output), a row that holds or becomes NaN/inf skips the remaining
+            steps (ONNX Runtime refuses NaN/inf input) and comes out as NaN.
 
     Returns:
         (B, d_new) float32 vectors of the last step's target model.
@@ -133,12 +135,29 @@ def apply_chain(models: Sequence[OnnxModel], steps: Sequence[ChainStep], embeddi
         UpgradeError: ``ids`` given and a step outputs NaN or inf (step and first bad item_id named).
     """
     x = embeddings
+    ok = None if ids is not None else _finite_rows(x) & (side_info is None or _finite_rows(side_info))
     for i, (model, step) in enumerate(zip(models, steps, strict=False), start=1):
-        inputs = {OLD_INPUT: x} if step.side_info is None else {OLD_INPUT: x, SIDE_INPUT: side_info}
-        x = model.run(**inputs)
-        if ids is not None:
+        if ok is None:
+            x = model.run(**_step_inputs(step, x, side_info))
             check_finite(x, ids, f"step {i} ({step.name})")
+            continue
+        if ok.all():
+            x = model.run(**_step_inputs(step, x, side_info))
+        else:
+            out = np.full((len(x), model.output_dim), np.nan, dtype=np.float32)
+            if ok.any():
+                out[ok] = model.run(**_step_inputs(step, x[ok], None if side_info is None else side_info[ok]))
+            x = out
+        ok &= _finite_rows(x)
     return x
+
+
+def _step_inputs(step: ChainStep, x: np.ndarray, side_info: np.ndarray | None) -> dict[str, np.ndarray]:
+    return {OLD_INPUT: x} if step.side_info is None else {OLD_INPUT: x, SIDE_INPUT: side_info}
+
+
+def _finite_rows(vectors: np.ndarray) -> np.ndarray:
+    return np.isfinite(vectors).all(axis=1)
 
 
 def check_finite(vectors: np.ndarray, ids: np.ndarray, producer: str) -> None:

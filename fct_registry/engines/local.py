@@ -24,7 +24,8 @@ def iter_upgraded_local(source: EmbeddingSet, steps: Sequence[ChainStep], models
         batch_rows: Rows per batch.
 
     Yields:
-        EmbeddingBatch: ids, labels and side_info as stored; embeddings (n, d_new) float32 of the last target.
+        EmbeddingBatch: ids, labels and side_info as stored; embeddings (n, d_new) float32 of the last target,
+        which the batch carries as its ``model``.
 
     Raises:
         UpgradeError: the set stores NaN/inf, or a step outputs NaN/inf (first bad item_id named).
@@ -32,4 +33,4 @@ def iter_upgraded_local(source: EmbeddingSet, steps: Sequence[ChainStep], models
     for batch in source.iter_batches(batch_rows):
         check_stored_finite(batch, source.path)
         upgraded = apply_chain(models, steps, batch.embeddings, batch.side_info, ids=batch.ids)
-        yield EmbeddingBatch(batch.ids, batch.labels, upgraded, batch.side_info)
+        yield EmbeddingBatch(batch.ids, batch.labels, upgraded, batch.side_info, model=steps[-1].target)

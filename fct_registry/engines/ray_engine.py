@@ -84,7 +84,7 @@ def iter_upgraded_ray(embedding_set: EmbeddingSet, steps: Sequence[ChainStep], b
 
     Yields:
         EmbeddingBatch: ids (n,) int64, labels (n,) int64, embeddings (n, d_new) float32 of the last target,
-        side_info (n, d_side) float32 copied from the source (or None).
+        side_info (n, d_side) float32 copied from the source (or None), model = the last step's target.
 
     Raises:
         UpgradeError: the chain produced NaN or inf (first bad item_id named).
@@ -102,7 +102,8 @@ def iter_upgraded_ray(embedding_set: EmbeddingSet, steps: Sequence[ChainStep], b
             ids = table.column("item_id").to_numpy()
             embeddings = _matrix(table, "embedding")
             check_finite(embeddings, ids, f"chain {steps[0].source} -> {steps[-1].target} (Ray engine)")
-            yield EmbeddingBatch(ids, table.column("label").to_numpy(), embeddings, _side_info(table))
+            yield EmbeddingBatch(ids, table.column("label").to_numpy(), embeddings, _side_info(table),
+                                 model=steps[-1].target)
     finally:
         if started:
             ray.shutdown()

@@ -14,7 +14,7 @@ engine and writes the set, so the engines never import each other.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import closing
 from pathlib import Path
 from typing import Literal
@@ -59,7 +59,8 @@ def upgrade_set(source: EmbeddingSet | str | os.PathLike[str], steps: Sequence[C
                 dest_path: str | os.PathLike[str], batch_rows: int = 65536,
                 engine: Literal["local", "ray"] = "local", progress: Progress | None = None,
                 overwrite: bool = False, address: str | None = None, ray_actors: int = 2,
-                models: Sequence[OnnxModel] | None = None) -> EmbeddingSet:
+                models: Sequence[OnnxModel] | None = None, extra_files: Mapping[str, bytes] | None = None
+                ) -> EmbeddingSet:
     """Upgrade the ``source`` set through ``steps`` into a new set at ``dest_path``, streaming.
 
     Unless ``models`` says :func:`check_upgrade` already ran, it runs first (shards verified, chain validated).
@@ -82,6 +83,8 @@ def upgrade_set(source: EmbeddingSet | str | os.PathLike[str], steps: Sequence[C
         ray_actors: Ray engine only: number of actors, each holding ONNX Runtime sessions of every step.
         models: The sessions returned by :func:`check_upgrade` for this source, chain and destination; None
             runs the checks here.
+        extra_files: Sidecar files written into the new set with it (file name -> bytes), e.g. a record of the
+            upgrade that made it.
 
     Returns:
         The written set.
@@ -112,7 +115,7 @@ def upgrade_set(source: EmbeddingSet | str | os.PathLike[str], steps: Sequence[C
             dest_path, _reporting(batches, m.count, progress), model=steps[-1].target,
             side_info_model=m.side_info_model, metric=m.metric, normalized=m.normalized,
             lineage=[*m.lineage, *(f"upgraded {step}" for step in steps)],
-            shard_rows=max(s.rows for s in m.shards), overwrite=overwrite)
+            shard_rows=max(s.rows for s in m.shards), overwrite=overwrite, extra_files=extra_files)
 
 
 def _reporting(batches: Iterable[EmbeddingBatch], total: int, progress: Progress | None) -> Iterator[EmbeddingBatch]:

@@ -96,16 +96,18 @@ class OnnxModel:
 
         Args:
             *arrays: At most one positional array, and only for a single-input model.
-            **inputs: Input name -> array-like (B, ...) of any float dtype, numpy array or nested lists; each
-                is cast to a new C-contiguous float32 array. Keyword order does not matter. A single item
-                must keep its batch axis: (1, ...).
+            **inputs: Input name -> array-like (B, ...) of finite real numbers (any int/float dtype, numpy array
+                or nested lists); each is cast to a new C-contiguous float32 array. Keyword order does not
+                matter. A single item must keep its batch axis: (1, ...).
 
         Returns:
             float32 array (B, output_dim); B = 1 stays (1, output_dim).
 
         Raises:
             RuntimeInputError: Names differ from ``input_names`` (the message lists every expected input),
-                a value is not numeric, has the wrong rank or trailing dims, or batch sizes differ.
+                a value is not numeric or is complex (never truncated to its real part), holds NaN or inf
+                (before or after the cast to float32, e.g. 1e39; naming the input and the batch row), has the
+                wrong rank or trailing dims, or batch sizes differ.
         """
         if arrays:
             if len(arrays) != 1 or inputs or len(self.input_names) != 1:
@@ -127,10 +129,21 @@ class OnnxModel:
     def _as_input(self, name: str, value: object) -> np.ndarray:
         expected = self.input_shapes[name]
         try:
-            array = np.array(value, dtype=np.float32, order="C")
+            raw = np.asarray(value)
         except (TypeError, ValueError) as exc:
-            raise RuntimeInputError(f"input {name!r} is not a numeric array: {exc}") from exc
+            raise RuntimeInputError(f"input {name!r} is not a numeric array: {exc}".splitlines()[0]) from exc
+        if raw.dtype.kind not in "biuf":
+            kind = "complex numbers" if raw.dtype.kind == "c" else "non-numeric values"
+            raise RuntimeInputError(f"input {name!r} holds {kind} (dtype {raw.dtype}); expected real numbers "
+                                    "(int or float)")
+        with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf, refused below
+            array = np.array(raw, dtype=np.float32, order="C")
         fixed = all(e == a for e, a in zip(expected[1:], array.shape[1:], strict=False) if isinstance(e, int))
         if array.ndim != len(expected) or not fixed:
             raise RuntimeInputError(f"input {name!r} has shape {array.shape}; expected {expected}")
+        finite = np.isfinite(array).all(axis=tuple(range(1, array.ndim)))  # per batch row
+        if not finite.all():
+            row = int(np.flatnonzero(~finite)[0])
+            raise RuntimeInputError(f"input {name!r} row {row} holds NaN or inf (as float32); expected finite "
+                                    "real numbers")
         return array

@@ -5,6 +5,11 @@ tags, log a run, log + register an ONNX file, download it) and MLflow's exceptio
 :class:`~fct_registry.core.errors.RegistryError` with one line. The default store needs no server: SQLite at
 ``<root>/registry/mlflow.db`` with artifacts under ``<root>/registry/artifacts``. Aliases (e.g. ``champion``) replace
 the deprecated stages and are resolved only through ``MlflowClient.get_model_version_by_alias``.
+
+The embedded store is created (tables and migrations) once, by the first writer, under a file lock
+(``mlflow.db.lock`` beside it), so processes that start at the same moment never migrate it twice; a store left
+half-migrated is reported with how to recover, never used. Reading a store that does not exist yet sees an empty
+registry and creates nothing.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -22,11 +27,14 @@ from fct_registry.core.refs import ModelRef
 from fct_registry.registry.versions import RegisteredVersion, format_tags, version_from_tags
 
 EXPERIMENT_NAME = "fct-registry"
+DB_FILE = "mlflow.db"
+LOCK_FILE = "mlflow.db.lock"
+STORE_LOCK_TIMEOUT_S = 600
 
 
 def default_tracking_uri(root: str | os.PathLike) -> str:
     """The embedded store: ``sqlite:///<root>/registry/mlflow.db`` (absolute path)."""
-    return f"sqlite:///{Path(root).resolve() / 'registry' / 'mlflow.db'}"
+    return f"sqlite:///{Path(root).resolve() / 'registry' / DB_FILE}"
 
 
 class MlflowStore:
@@ -43,17 +51,29 @@ class MlflowStore:
         self.local_root = local_root
         self._experiment: str | None = None
 
+    @property
+    def exists(self) -> bool:
+        """False only for an embedded store whose database file has not been created yet."""
+        return self.local_root is None or (self.local_root / DB_FILE).is_file()
+
     @cached_property
     def client(self) -> Any:
-        """``MlflowClient`` bound to :attr:`tracking_uri` (opening a SQLite store creates it)."""
+        """``MlflowClient`` bound to :attr:`tracking_uri`; an embedded store is created or checked first.
+
+        Raises:
+            RegistryError: the embedded store is broken (half-applied migration, unknown schema revision).
+        """
         from mlflow import MlflowClient
 
         if self.local_root is not None:
-            self.local_root.mkdir(parents=True, exist_ok=True)
+            prepare_sqlite_store(self.tracking_uri, self.local_root)
         return MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
 
     def search_versions(self, filter_string: str) -> list[RegisteredVersion]:
-        """Model versions matching an MLflow filter string (without aliases: search results carry none)."""
+        """Model versions matching an MLflow filter string (without aliases: search results carry none); none
+        when the embedded store does not exist yet."""
+        if not self.exists:
+            return []
         return [_to_version(mv) for mv in self.client.search_model_versions(filter_string)]
 
     def aliases(self, name: str) -> dict[str, int]:
@@ -64,10 +84,13 @@ class MlflowStore:
         """The version ``alias`` points to.
 
         Raises:
-            RegistryError: the alias was never set, or its version was deleted.
+            RegistryError: the alias was never set, or its version was deleted, or nothing is registered yet.
         """
         from mlflow.exceptions import MlflowException
 
+        if not self.exists:
+            raise RegistryError(f"alias {alias!r} of {name} points to no version: nothing is registered yet "
+                                f"(no store at {self.local_root})")
         try:
             return _to_version(self.client.get_model_version_by_alias(name, alias))
         except MlflowException as e:
@@ -117,6 +140,17 @@ class MlflowStore:
             self.client.set_terminated(run_id, status)
         return run_id
 
+    def run_ids(self, filter_string: str) -> list[str]:
+        """Ids of the ``fct-registry`` experiment's runs matching an MLflow run filter (e.g.
+        ``params.output_set = '...'``); none when the store or the experiment does not exist yet."""
+        if not self.exists:
+            return []
+        experiment = self.client.get_experiment_by_name(EXPERIMENT_NAME)
+        if experiment is None:
+            return []
+        runs = self.client.search_runs([experiment.experiment_id], filter_string=filter_string)
+        return [run.info.run_id for run in runs]
+
     def register_onnx(self, path: Path, name: str, ref: ModelRef, tags: Mapping[str, str],
                       params: Mapping[str, Any], metrics: Mapping[str, float]) -> RegisteredVersion:
         """Log ONNX bytes with MLflow's ONNX flavor in a new run and register them as a version of ``name``.
@@ -154,13 +188,20 @@ class MlflowStore:
 
     def _experiment_id(self) -> str:
         """Id of the ``fct-registry`` experiment (artifacts under ``<local_root>/artifacts`` for SQLite)."""
+        from mlflow.exceptions import MlflowException
+
         if self._experiment is None:
             found = self.client.get_experiment_by_name(EXPERIMENT_NAME)
-            if found is not None:
-                self._experiment = found.experiment_id
-            else:
+            if found is None:
                 location = (self.local_root / "artifacts").as_uri() if self.local_root is not None else None
-                self._experiment = self.client.create_experiment(EXPERIMENT_NAME, artifact_location=location)
+                try:
+                    self._experiment = self.client.create_experiment(EXPERIMENT_NAME, artifact_location=location)
+                    return self._experiment
+                except MlflowException as e:  # another process created it first
+                    if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                        raise RegistryError(f"cannot create experiment {EXPERIMENT_NAME}: {first_line(e)}") from e
+                    found = self.client.get_experiment_by_name(EXPERIMENT_NAME)
+            self._experiment = found.experiment_id
         return self._experiment
 
     def _log_onnx(self, path: Path, name: str, ref: ModelRef, tags: Mapping[str, str], params: Mapping[str, Any],
@@ -190,6 +231,52 @@ class MlflowStore:
         mv = self.client.create_model_version(name, source=model_uri, run_id=run_id, tags=dict(tags),
                                               model_id=model_id)
         return _to_version(mv)
+
+
+def prepare_sqlite_store(tracking_uri: str, local_root: Path) -> None:
+    """Create or check the embedded store at ``tracking_uri`` under ``<local_root>/mlflow.db.lock``.
+
+    The first process to hold the lock creates the tables and applies MLflow's migrations; every later one finds
+    them complete. Waiting for the lock is bounded by :data:`STORE_LOCK_TIMEOUT_S` seconds.
+
+    Raises:
+        RegistryError: the lock is not released in time, or the store is broken: leftover ``_alembic_tmp_*``
+            tables of an interrupted migration, or a schema revision other than this MLflow's head (the message
+            says how to recover).
+    """
+    from filelock import FileLock, Timeout
+    from mlflow.exceptions import MlflowException
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    local_root.mkdir(parents=True, exist_ok=True)
+    db = local_root / DB_FILE
+    recovery = (f"back up {db}, then run `mlflow db upgrade {tracking_uri}`, or restore the backup, or move "
+                f"{local_root} away to start an empty registry")
+    try:
+        with FileLock(local_root / LOCK_FILE, timeout=STORE_LOCK_TIMEOUT_S):
+            leftovers = _interrupted_migration_tables(db)
+            if leftovers:
+                raise RegistryError(f"registry store {db} is broken: an interrupted migration left "
+                                    f"{', '.join(leftovers)}; {recovery}")
+            try:
+                SqlAlchemyStore(tracking_uri, (local_root / "artifacts").as_uri())
+            except MlflowException as e:
+                raise RegistryError(f"registry store {db} is not usable ({first_line(e)}); {recovery}") from e
+    except Timeout as e:
+        raise RegistryError(f"registry store {db} stayed locked for {STORE_LOCK_TIMEOUT_S} s by another "
+                            f"process ({local_root / LOCK_FILE}); retry when it has finished") from e
+
+
+def _interrupted_migration_tables(db: Path) -> list[str]:
+    """Names of alembic's temporary tables in the SQLite file ``db`` (none when it does not exist)."""
+    import sqlite3
+
+    if not db.is_file():
+        return []
+    with closing(sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True)) as connection:
+        rows = connection.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name LIKE "
+                                  "'\\_alembic\\_tmp\\_%' ESCAPE '\\'").fetchall()
+    return sorted(name for (name,) in rows)
 
 
 def _to_version(mv: Any) -> RegisteredVersion:

@@ -189,6 +189,10 @@ class ModelRegistry:
         """
         return self.store.log_run(name, params, tags, artifacts, metrics)
 
+    def find_runs(self, params: Mapping[str, str]) -> list[str]:
+        """Ids of recorded runs whose params include every ``name: value`` of ``params`` (none when none is)."""
+        return self.store.run_ids(" AND ".join(f"params.{name} = '{value}'" for name, value in params.items()))
+
     def onnx_path(self, version: RegisteredVersion) -> Path:
         """Local path of a version's ONNX file, downloaded once into ``<root>/registry/downloads``.
 

@@ -98,7 +98,8 @@ def _base_tags(card: ModelCard, metric: str, data_hash: str, git_commit: str) ->
 
 
 def publish_model(registry: ModelRegistry, model_dir: str | Path, metric: str, data_hash: str, git_commit: str,
-                  params: Mapping[str, Any], metrics: Mapping[str, float] | None = None) -> RegisteredVersion:
+                  params: Mapping[str, Any], metrics: Mapping[str, float] | None = None,
+                  extra_tags: Mapping[str, Any] | None = None) -> RegisteredVersion:
     """Register ``<model_dir>/model.onnx`` described by its ``model.json`` card (idempotent by content hash).
 
     A backbone or side-info model goes through :func:`register_image_model` with the project's own input contract
@@ -114,14 +115,17 @@ def publish_model(registry: ModelRegistry, model_dir: str | Path, metric: str, d
         data_hash: DVC md5 of the training data folder (``dvc.lock``).
         git_commit: commit of the code that trained it.
         params: the params.yaml sections it was trained with.
-        metrics: measured metrics (fractions), e.g. cross-model ``cmc_top1``, ``cmc_top5``, ``map``.
+        metrics: measured metrics (fractions) of these very bytes, e.g. cross-model ``cmc_top1``, ``cmc_top5``,
+            ``map``; stored as ``fct.<key>`` tags.
+        extra_tags: more version tags (e.g. ``seed``, and ``seed_spread``: the same metrics over every seed
+            trained, which describe the recipe rather than this file).
 
     Raises:
         RegistryError: a linked model is not registered, or MLflow refuses the version.
         DataError: the model card is missing, or an image model's input is not (B, 1, H, W).
     """
     card = read_model_card(model_dir)
-    tags = _base_tags(card, metric, data_hash, git_commit)
+    tags = _base_tags(card, metric, data_hash, git_commit) | dict(extra_tags or {})
     onnx_path = Path(model_dir) / "model.onnx"
     all_metrics = dict(card.metrics) | dict(metrics or {})
     if card.role in IMAGE_ROLES:

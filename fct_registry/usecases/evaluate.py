@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fct_registry.core.errors import SearchError
+from fct_registry.core.errors import DataError, SearchError
 from fct_registry.method.data import load_prepared
 from fct_registry.onnx_boundary.embedding import embed_images
 from fct_registry.onnx_boundary.images import read_image
@@ -106,6 +106,10 @@ def search_images(registry: ModelRegistry, images: Sequence[str | os.PathLike], 
         VersionMismatchError: ``gallery`` holds vectors of another model.
         SearchError: no gallery at the backbone, or bad ``k``.
     """
+    missing = [str(path) for path in images if not Path(path).is_file()]
+    if missing:
+        raise DataError(f"query image {missing[0]!r} is not a file" + (f" (nor {len(missing) - 1} more)"
+                                                                        if len(missing) > 1 else ""))
     model = registry.get("backbone", model_version)
     if gallery is None:
         gallery = gallery_for(model, sets_root)

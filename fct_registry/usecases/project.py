@@ -14,7 +14,7 @@ from fct_registry.core.config import EvaluationParams, RegistryParams, load_para
 from fct_registry.core.errors import EmbeddingSetError
 from fct_registry.registry.model_registry import ModelRegistry
 from fct_registry.registry.versions import RegisteredVersion
-from fct_registry.vectors.embedding_set import MANIFEST, EmbeddingSet, list_embedding_sets
+from fct_registry.vectors.embedding_set import MANIFEST, EmbeddingSet, scan_embedding_sets
 
 PARAMS_FILE = "params.yaml"
 
@@ -81,6 +81,6 @@ def _set_names(sets_root: str | os.PathLike) -> str:
 
 
 def sets_under(sets_root: str | os.PathLike) -> list[EmbeddingSet]:
-    """The sets under ``sets_root`` sorted by path (manifests only, shards not verified); none if it is missing."""
-    root = Path(sets_root)
-    return list_embedding_sets(root) if root.is_dir() else []
+    """The valid sets under ``sets_root`` sorted by path (manifests only, shards not verified; an invalid set is
+    skipped, see ``fct-registry sets list``); none if it is missing."""
+    return scan_embedding_sets(sets_root).sets

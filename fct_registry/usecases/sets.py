@@ -1,10 +1,12 @@
-"""Use cases of ``fct-registry sets``: list the stored embedding sets, embed a gallery or a folder of images into a
-new set, import the vectors a user already stores, export a set for a vector database."""
+"""Use cases of ``fct-registry sets``: list the stored embedding sets (and clean up interrupted writes), embed a
+gallery or a folder of images into a new set, import the vectors a user already stores, export a set for a vector
+database."""
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,12 +21,11 @@ from fct_registry.onnx_boundary.image_folder import ImageFolder, scan_image_fold
 from fct_registry.onnx_boundary.runtime import OnnxModel
 from fct_registry.registry.model_registry import ModelRegistry
 from fct_registry.registry.versions import RegisteredVersion, input_contract
-from fct_registry.usecases.project import sets_under
-from fct_registry.vectors.batch import EmbeddingBatch
-from fct_registry.vectors.embedding_set import EmbeddingSet
+from fct_registry.vectors.batch import EmbeddingBatch, with_model
+from fct_registry.vectors.embedding_set import EmbeddingSet, scan_embedding_sets
 from fct_registry.vectors.exporting import Export, Format, export_set
 from fct_registry.vectors.importing import Columns, VectorSource, open_source
-from fct_registry.vectors.set_writer import write_embedding_set
+from fct_registry.vectors.set_writer import remove_path, write_embedding_set
 
 SOURCES_FILE = "sources.json"
 """Sidecar of a set embedded from an image folder: ``{"folder": ..., "classes": [...], "item_ids": [...],
@@ -41,14 +42,39 @@ class SetEntry:
     backbone: RegisteredVersion | None
 
 
-def list_sets(registry: ModelRegistry, sets_root: str | os.PathLike) -> list[SetEntry]:
-    """Every embedding set under ``sets_root`` (sorted by path) with its registered backbone version.
+@dataclass(frozen=True)
+class SetListing:
+    """What ``sets list`` shows: the valid sets, the invalid folders with their reason, unfinished writes."""
+
+    entries: list[SetEntry]
+    invalid: list[tuple[Path, str]]
+    unfinished: list[Path]
+
+
+def list_sets(registry: ModelRegistry, sets_root: str | os.PathLike) -> SetListing:
+    """Every embedding set under ``sets_root`` (sorted by path) with its registered backbone version; a folder
+    whose manifest is invalid is listed with its reason, and the ``.tmp-*`` folders of interrupted writes are
+    listed too. Reads only."""
+    scan = scan_embedding_sets(sets_root)
+    backbones = {version.ref: version for version in registry.versions("backbone")}
+    return SetListing([SetEntry(s, backbones.get(s.manifest.model)) for s in scan.sets], scan.invalid,
+                      scan.unfinished)
+
+
+def clean_unfinished(sets_root: str | os.PathLike, min_age_s: float) -> list[Path]:
+    """Remove the ``.tmp-*`` folders of interrupted writes under ``sets_root`` that were last modified at least
+    ``min_age_s`` seconds ago (a younger one may belong to a write still running); returns those removed.
 
     Raises:
-        EmbeddingSetError: a set under ``sets_root`` has an invalid manifest.
+        DataError: ``min_age_s`` is negative.
     """
-    backbones = {version.ref: version for version in registry.versions("backbone")}
-    return [SetEntry(s, backbones.get(s.manifest.model)) for s in sets_under(sets_root)]
+    if min_age_s < 0:
+        raise DataError(f"minimum age {min_age_s} s is negative; expected >= 0 seconds")
+    now = time.time()
+    stale = [p for p in scan_embedding_sets(sets_root).unfinished if now - p.stat().st_mtime >= min_age_s]
+    for path in stale:
+        remove_path(path)
+    return stale
 
 
 def build_gallery(split: Split, backbone: Path, backbone_ref: ModelRef, side_info: Path | None,
@@ -67,7 +93,7 @@ def build_gallery(split: Split, backbone: Path, backbone_ref: ModelRef, side_inf
     """
     embeddings = embed_images(OnnxModel(backbone), split.images)
     side = embed_images(OnnxModel(side_info), split.images) if side_info is not None else None
-    batch = EmbeddingBatch(split.item_ids, split.labels, embeddings, side)
+    batch = EmbeddingBatch(split.item_ids, split.labels, embeddings, side, model=backbone_ref)
     lineage = [f"gallery embedded by {backbone_ref}" + (f" with side-info {side_info_ref}" if side_info_ref else "")]
     return write_embedding_set(out, [batch], backbone_ref, side_info_ref, metric=metric, lineage=lineage,
                                overwrite=out.exists())
@@ -196,7 +222,7 @@ def import_set(vectors: VectorSource, models: SetModels, out: str | os.PathLike,
     def batches() -> Iterator[EmbeddingBatch]:
         done = 0
         for batch in vectors.iter_batches(batch_rows):
-            yield batch
+            yield with_model(batch, models.backbone.ref)  # the user says these are its vectors
             done += len(batch)
             if progress is not None:
                 progress(done, vectors.count)
@@ -279,7 +305,8 @@ def _images_embedded(folder: ImageFolder, models: SetModels, registry: ModelRegi
         rows = next(iter(decoded.values()))[0]
         vectors = [embed_images(model, decoded[contract][1], contract, batch_size) for model, contract in embedders]
         ids = np.arange(rows.start, rows.stop, dtype=np.int64)
-        yield EmbeddingBatch(ids, folder.labels[rows], vectors[0], vectors[1] if len(vectors) > 1 else None)
+        yield EmbeddingBatch(ids, folder.labels[rows], vectors[0], vectors[1] if len(vectors) > 1 else None,
+                             model=models.backbone.ref)
         if progress is not None:
             progress(rows.stop, len(folder))
 

@@ -7,9 +7,11 @@ by a chain of registered forward transformations, with no image read again.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -18,7 +20,7 @@ from fct_registry.engines.chain import ChainStep, Progress
 from fct_registry.engines.run import check_upgrade, upgrade_set
 from fct_registry.registry.chains import Edge, plan_chain
 from fct_registry.registry.model_registry import ModelRegistry
-from fct_registry.registry.versions import RegisteredVersion
+from fct_registry.registry.versions import RegisteredVersion, file_sha256
 from fct_registry.vectors.embedding_set import MANIFEST, EmbeddingSet
 
 
@@ -64,26 +66,52 @@ def default_output(sets_root: str | os.PathLike, source: EmbeddingSet, target: R
     return Path(sets_root) / f"{source.path.name.split('@')[0]}@{target.ref.label}"
 
 
+PROVENANCE_FILE = "upgrade.json"
+"""Sidecar of an upgraded set: the source set's manifest sha256 and model, and the chain (version names and ONNX
+sha256s) that made it. A destination holding the same record is the very output a command would write."""
+
+
+@dataclass(frozen=True)
+class UpgradeResult:
+    """What :func:`run_upgrade` did.
+
+    Attributes:
+        steps: the validated chain, in application order.
+        output: the upgraded set (None for a dry run).
+        state: ``"written"`` (upgraded now), ``"completed"`` (the destination already held this very upgrade,
+            e.g. from a run killed before its record was written; its record is now written if it was missing)
+            or ``"planned"`` (dry run: nothing written).
+        note: for a dry run, what a real run would do at the destination; else empty.
+    """
+
+    steps: list[ChainStep]
+    output: EmbeddingSet | None
+    state: Literal["written", "completed", "planned"]
+    note: str = ""
+
+
 def run_upgrade(registry: ModelRegistry, source: EmbeddingSet, target: RegisteredVersion,
                 dest: str | os.PathLike, engine: Literal["local", "ray"] = "local", address: str | None = None,
                 progress: Progress | None = None, dry_run: bool = False, batch_rows: int = 65536,
-                on_plan: Callable[[list[ChainStep]], None] | None = None
-                ) -> tuple[list[ChainStep], EmbeddingSet | None]:
+                on_plan: Callable[[list[ChainStep]], None] | None = None) -> UpgradeResult:
     """Plan, validate and run the upgrade of a stored set to ``target``, and record it as an MLflow run.
 
     Everything that can be checked before writing is checked first (set verified, chain planned, every ONNX file
     loaded and its input widths matched to the set and the previous link, ``dest`` free); a dry run stops
-    there. The upgrade then streams the set through the chain (see :func:`~fct_registry.engines.run.upgrade_set`:
-    memory flat in
-    the set's size, written atomically) and a run of the ``fct-registry`` experiment records the input set
-    (path, model, count, manifest sha256), the chain (transformation versions) and the output set.
+    there and says what a real run would do at ``dest``. The upgrade then streams the set through the chain (see
+    :func:`~fct_registry.engines.run.upgrade_set`: memory flat in the set's size, written atomically, with a
+    :data:`PROVENANCE_FILE` sidecar) and a run of the ``fct-registry`` experiment records the input set (path,
+    model, count, manifest sha256), the chain (transformation versions) and the output set. A re-run whose
+    ``dest`` already holds this very upgrade (same source manifest, same chain; verified) finishes the job: it
+    writes the record if none exists and rewrites no vector, so a re-run completes after a kill at any point.
 
     Args:
         registry: The model registry.
         source: The opened stored set, embeddings (count, d) float32 of a registered backbone; its shards
             are verified once, here.
         target: The backbone version to upgrade to.
-        dest: Where the upgraded set, embeddings (count, d_target) float32, is written; must not exist.
+        dest: Where the upgraded set, embeddings (count, d_target) float32, is written; must not exist unless
+            it already holds this upgrade.
         engine: ``"local"`` (ONNX Runtime in this process) or ``"ray"`` (Ray Data actors).
         address: Ray engine only: cluster address; None starts a local Ray.
         progress: Optional ``progress(rows_done, rows_total)`` callback.
@@ -91,27 +119,54 @@ def run_upgrade(registry: ModelRegistry, source: EmbeddingSet, target: Registere
         batch_rows: Rows per batch fed to ONNX Runtime.
         on_plan: Optional callback given the validated steps before any row is processed (e.g. to print them).
 
-    Returns:
-        ``(steps, output set)``; the output is None for a dry run.
-
     Raises:
-        EmbeddingSetError: the set is missing or fails verification.
+        EmbeddingSetError: the set is missing or fails verification; ``dest`` holds this upgrade but fails
+            verification.
         RegistryError: unknown set model or a corrupted ONNX artifact.
         ChainError: already at or beyond ``target``, no chain, or side-info the set lacks.
-        UpgradeError: ``dest`` exists, an ONNX file does not load, link widths differ, or NaN/inf vectors.
+        UpgradeError: ``dest`` exists with other content (not for a dry run), an ONNX file does not load, link
+            widths differ, or NaN/inf vectors.
     """
     dest = Path(dest)
     steps = plan_upgrade(registry, source, target)
-    models = check_upgrade(source, steps, dest)
+    provenance = _provenance(source, steps)
+    done = _holds(dest, provenance)
+    models = check_upgrade(source, steps, dest, overwrite=dry_run or done)
     if on_plan is not None:
         on_plan(steps)
     if dry_run:
-        return steps, None
+        return UpgradeResult(steps, None, "planned", _dry_run_note(dest, done))
+    if done:
+        output = EmbeddingSet.open(dest, verify=True)
+        if not registry.find_runs({"output_set": str(output.path.resolve()),
+                                   "output_manifest_sha256": _manifest_sha256(output)}):
+            _record_upgrade(registry, source, steps, output, engine, seconds=0.0)
+        return UpgradeResult(steps, output, "completed")
     started = time.perf_counter()
     output = upgrade_set(source, steps, dest, batch_rows=batch_rows, engine=engine, progress=progress,
-                         address=address, models=models)
+                         address=address, models=models, extra_files={PROVENANCE_FILE: provenance})
     _record_upgrade(registry, source, steps, output, engine, time.perf_counter() - started)
-    return steps, output
+    return UpgradeResult(steps, output, "written")
+
+
+def _provenance(source: EmbeddingSet, steps: Sequence[ChainStep]) -> bytes:
+    record = {"source_manifest_sha256": _manifest_sha256(source), "source_model": str(source.manifest.model),
+              "chain": [{"name": step.name, "sha256": file_sha256(step.onnx_path)} for step in steps]}
+    return json.dumps(record, indent=2, sort_keys=True).encode()
+
+
+def _holds(dest: Path, provenance: bytes) -> bool:
+    """Whether ``dest`` is a set written by the upgrade that ``provenance`` describes."""
+    sidecar = dest / PROVENANCE_FILE
+    return (dest / MANIFEST).is_file() and sidecar.is_file() and sidecar.read_bytes() == provenance
+
+
+def _dry_run_note(dest: Path, done: bool) -> str:
+    if done:
+        return f"{dest} already holds this upgrade; a run would only record it if unrecorded"
+    if dest.exists():
+        return f"{dest} already exists with other content; a run would refuse to replace it"
+    return f"{dest} would be created"
 
 
 def _manifest_sha256(embedding_set: EmbeddingSet) -> str:
@@ -120,6 +175,7 @@ def _manifest_sha256(embedding_set: EmbeddingSet) -> str:
 
 def _record_upgrade(registry: ModelRegistry, source: EmbeddingSet, steps: Sequence[ChainStep],
                     output: EmbeddingSet, engine: str, seconds: float) -> str:
+    """Log the upgrade as a run named after its output (``seconds`` 0: recorded after the fact, not timed)."""
     chain = [step.name for step in steps]
     params = {
         "input_set": str(source.path.resolve()), "input_model": str(source.manifest.model),
@@ -130,6 +186,7 @@ def _record_upgrade(registry: ModelRegistry, source: EmbeddingSet, steps: Sequen
     }
     tags = {"kind": "upgrade", "chain": chain, "source_label": source.manifest.model.label,
             "target_label": output.manifest.model.label}
-    metrics = {"rows": output.manifest.count, "seconds": seconds, "rows_per_second": output.manifest.count / seconds}
-    name = f"upgrade {source.path.name} {source.manifest.model.label} -> {output.manifest.model.label}"
+    timing = {"seconds": seconds, "rows_per_second": output.manifest.count / seconds} if seconds > 0 else {}
+    metrics = {"rows": output.manifest.count, **timing}
+    name = f"{output.path.name}: upgrade of {source.path.name} ({' -> '.join(chain)})"
     return registry.log_run(name, params=params, tags=tags, metrics=metrics)

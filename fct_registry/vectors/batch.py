@@ -1,16 +1,20 @@
-"""A batch of one model's vectors in memory: item ids, labels, embeddings and optional side-information.
+"""A batch of one model's vectors in memory: item ids, labels, embeddings, optional side-information and the
+model version that made the embeddings.
 
 Shapes: ids (n,) int64, labels (n,) int64 (-1 = unknown), embeddings (n, d) float32, side_info (n, d_side) float32
-(FCT side-information: Ramanujan et al., CVPR 2022, arXiv 2112.02805, Sec. 3.2).
+(FCT side-information: Ramanujan et al., CVPR 2022, arXiv 2112.02805, Sec. 3.2). A batch written into a set must
+carry its ``model`` (a :class:`~fct_registry.core.refs.ModelRef`): the writer refuses batches of another model, so
+vectors of two models of the same width are never stored under one version.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
-from fct_registry.core.errors import EmbeddingSetError, FctError
+from fct_registry.core.errors import EmbeddingSetError, FctError, VersionMismatchError
+from fct_registry.core.refs import ModelRef
 
 
 def as_float32_matrix(x: object, name: str, error: type[FctError] = EmbeddingSetError) -> np.ndarray:
@@ -50,18 +54,21 @@ def _matrix(x: object, name: str) -> np.ndarray:
 @dataclass
 class EmbeddingBatch:
     """n items of one model: ids (n,) int64 (unique within a set), labels (n,) int64 (-1 = unknown),
-    embeddings (n, d) float32 C-contiguous, side_info (n, d_side) float32 C-contiguous or None.
+    embeddings (n, d) float32 C-contiguous, side_info (n, d_side) float32 C-contiguous or None, and ``model``, the
+    model version that made the embeddings (None: not known, e.g. a batch read back from a set, whose manifest
+    names the model; :func:`with_model` tags such a batch).
 
     Other integer/float dtypes and layouts are converted on construction.
 
     Raises:
-        EmbeddingSetError: wrong ranks or dtypes, or the arrays disagree on n.
+        EmbeddingSetError: wrong ranks or dtypes, the arrays disagree on n, or ``model`` is not a ModelRef.
     """
 
     ids: np.ndarray
     labels: np.ndarray
     embeddings: np.ndarray
     side_info: np.ndarray | None = None
+    model: ModelRef | None = None
 
     def __post_init__(self) -> None:
         self.ids = _vector(self.ids, "ids")
@@ -69,6 +76,9 @@ class EmbeddingBatch:
         self.embeddings = _matrix(self.embeddings, "embeddings")
         if self.side_info is not None:
             self.side_info = _matrix(self.side_info, "side_info")
+        if self.model is not None and not isinstance(self.model, ModelRef):
+            raise EmbeddingSetError(f"model must be a ModelRef or None, got {type(self.model).__name__} "
+                                    f"{self.model!r}")
         rows = {"ids": len(self.ids), "labels": len(self.labels), "embeddings": len(self.embeddings)}
         if self.side_info is not None:
             rows["side_info"] = len(self.side_info)
@@ -79,12 +89,45 @@ class EmbeddingBatch:
         return len(self.ids)
 
 
+def with_model(batch: EmbeddingBatch, model: ModelRef) -> EmbeddingBatch:
+    """The same items tagged with the model that made their embeddings (arrays shared, not copied).
+
+    Args:
+        batch: a batch with ``model`` None (e.g. read from a set or an import) or already ``model``.
+        model: the model version that made ``batch.embeddings``.
+
+    Raises:
+        VersionMismatchError: ``batch`` already carries another model (naming both).
+        EmbeddingSetError: ``model`` is not a ModelRef.
+    """
+    if batch.model is not None and batch.model != model:
+        raise VersionMismatchError(f"batch holds embeddings of model {batch.model}, cannot re-tag it as {model}")
+    return replace(batch, model=model)
+
+
 def concat_batches(batches: list[EmbeddingBatch]) -> EmbeddingBatch:
+    """One batch holding ``batches`` in order (at least one; all with or all without side_info, one model).
+
+    Raises:
+        VersionMismatchError: the batches carry different models (naming two of them).
+        EmbeddingSetError: ``batches`` is empty, or side_info is present in some and missing in others.
+    """
+    if not batches:
+        raise EmbeddingSetError("concat_batches needs at least one batch, got none")
+    models = {b.model for b in batches}
+    if len(models) > 1:
+        first, other = sorted(models, key=str)[:2]
+        raise VersionMismatchError(f"cannot concatenate batches of model {first} and model {other}")
+    if len({b.side_info is None for b in batches}) > 1:
+        raise EmbeddingSetError("side_info is present in some batches and missing in others")
     side = None if batches[0].side_info is None else np.concatenate([b.side_info for b in batches])
     return EmbeddingBatch(*(np.concatenate([getattr(b, f) for b in batches]) for f in ("ids", "labels",
-                                                                                      "embeddings")), side)
+                                                                                      "embeddings")), side,
+                          model=batches[0].model)
 
 
 def slice_batch(batch: EmbeddingBatch, start: int, stop: int) -> EmbeddingBatch:
+    """Rows ``start:stop`` of ``batch`` (views, not copies), with the same model."""
     side = None if batch.side_info is None else batch.side_info[start:stop]
-    return EmbeddingBatch(batch.ids[start:stop], batch.labels[start:stop], batch.embeddings[start:stop], side)
+    return EmbeddingBatch(batch.ids[start:stop], batch.labels[start:stop], batch.embeddings[start:stop], side,
+                          model=batch.model)

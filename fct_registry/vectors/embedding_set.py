@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -128,7 +129,7 @@ class EmbeddingSet:
         if m.side_info_dim is not None:
             side = _matrix_from_arrow(table.column("side_info"), m.side_info_dim, "side_info")
         return EmbeddingBatch(table.column("item_id").to_numpy().copy(), table.column("label").to_numpy().copy(),
-                              _matrix_from_arrow(table.column("embedding"), m.dim, "embedding"), side)
+                              _matrix_from_arrow(table.column("embedding"), m.dim, "embedding"), side, model=m.model)
 
     def read(self) -> EmbeddingBatch:
         """Load the whole set: ids (count,), labels (count,), embeddings (count, d) float32, side_info."""
@@ -149,16 +150,44 @@ class EmbeddingSet:
                     yield self._to_batch(record_batch)
 
 
-def list_embedding_sets(root: str | os.PathLike, verify: bool = False) -> list[EmbeddingSet]:
-    """All sets under ``root`` (any depth), sorted by path; ``.tmp-*`` dirs of unfinished writes are skipped.
+@dataclass(frozen=True)
+class SetScan:
+    """What a folder of embedding sets holds.
 
-    Raises:
-        EmbeddingSetError: a listed set has an invalid manifest (or fails verification with ``verify``).
+    Attributes:
+        sets: the valid sets, sorted by path.
+        invalid: ``(folder, reason)`` of each folder whose manifest cannot be read or validated (or, when
+            verified, whose shards do not match it); the reason is the one-line error.
+        unfinished: ``.tmp-*`` folders left by writes that were interrupted (or are still running), sorted.
+    """
+
+    sets: list[EmbeddingSet]
+    invalid: list[tuple[Path, str]]
+    unfinished: list[Path]
+
+
+def scan_embedding_sets(root: str | os.PathLike, verify: bool = False) -> SetScan:
+    """Every set under ``root`` (any depth); an invalid one is reported in :attr:`SetScan.invalid`, not raised.
+
+    Folders named ``.tmp-*`` (a write in progress or interrupted, see
+    :func:`~fct_registry.vectors.set_writer.write_embedding_set`) are never opened as sets; they are listed in
+    :attr:`SetScan.unfinished`. Reads only: nothing under ``root`` is changed. A missing ``root`` holds nothing.
     """
     root = Path(root)
-    manifests = sorted(root.rglob(MANIFEST))
-    dirs = [m.parent for m in manifests if not any(p.startswith(".tmp-") for p in m.relative_to(root).parts)]
-    return [EmbeddingSet.open(d, verify=verify) for d in dirs]
+    if not root.is_dir():
+        return SetScan([], [], [])
+    sets: list[EmbeddingSet] = []
+    invalid: list[tuple[Path, str]] = []
+    for manifest in sorted(root.rglob(MANIFEST)):
+        if any(part.startswith(".tmp-") for part in manifest.relative_to(root).parts):
+            continue
+        try:
+            sets.append(EmbeddingSet.open(manifest.parent, verify=verify))
+        except EmbeddingSetError as exc:
+            invalid.append((manifest.parent, str(exc)))
+    unfinished = sorted(p for p in root.rglob(".tmp-*")
+                        if p.is_dir() and not any(part.startswith(".tmp-") for part in p.relative_to(root).parts[:-1]))
+    return SetScan(sets, invalid, unfinished)
 
 
 def require_same_model(query_model: ModelRef, gallery_model: ModelRef) -> None:

@@ -12,8 +12,10 @@ the gallery is searched with (``"l2"``: Euclidean on unnormalised features; ``"c
 
 A query with no relevant gallery item (its class is absent, or only its own item had it) counts as a CMC miss
 and has AP = 0; it stays in the denominators. Metrics are fractions in [0, 1]. Scores come from
-:meth:`fct_registry.vectors.search.GalleryIndex.score_all` (faiss); equal scores are ranked by gallery position, lower
-position first (a stable sort), so results are deterministic and identical for every ``batch_size``.
+:meth:`fct_registry.vectors.search.GalleryIndex.score_all` (faiss, float32; cosine clipped to [-1, 1]); equal
+scores are ranked by gallery position, lower position first (a stable sort), so results are deterministic and
+identical for every ``batch_size``. Ties are between equal float32 scores: items whose exact distances are equal
+but whose float32 scores differ by rounding are ranked by those scores.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from numbers import Integral
 import numpy as np
 
 from fct_registry.core.errors import SearchError
-from fct_registry.vectors.search import GalleryIndex, Metric
+from fct_registry.vectors.search import GalleryIndex, Metric, unique_ids
 
 
 def retrieval_metrics(query_emb: object, query_labels: object, gallery_emb: object, gallery_labels: object,
@@ -42,21 +44,25 @@ def retrieval_metrics(query_emb: object, query_labels: object, gallery_emb: obje
         gallery_labels: (n_gallery,) integer class labels; items with a negative label (-1 = unknown) are
             ranked but never relevant.
         metric: ``"l2"`` or ``"cosine"`` (required).
-        query_ids: (n_query,) integer item ids; a query's gallery item with the same id is excluded.
+        query_ids: (n_query,) unique integer item ids; a query's gallery item with the same id is excluded.
         gallery_ids: (n_gallery,) unique integer item ids. Pass both id arrays (self-match exclusion, e.g.
             the test split against itself) or neither (query and gallery are distinct items).
-        top_k: ranks k >= 1 at which CMC is reported.
-        batch_size: queries per batch, >= 1.
+        top_k: ranks k >= 1 (Python or numpy integers) at which CMC is reported.
+        batch_size: queries per batch, an integer >= 1.
 
     Returns:
         ``{"cmc_top<k>": float for k in top_k, "map": float}``, e.g. keys cmc_top1, cmc_top5, map.
 
     Raises:
-        SearchError: bad metric, shapes, labels, ids (only one of the two given), top_k or batch_size.
+        SearchError: bad metric, shapes (no queries included), labels, ids (only one of the two given, or duplicated
+            query ids), top_k or batch_size; a NaN/inf or (cosine) zero vector, naming its row in ``query_emb`` /
+            ``gallery_emb`` and its item id when ids are given.
     """
     index = GalleryIndex(gallery_emb, metric, ids=gallery_ids)
     queries = _query_matrix(query_emb)
     n_query = len(queries)
+    if n_query == 0:
+        raise SearchError(f"query_emb must have at least one row (n_query >= 1), got shape {queries.shape}")
     q_labels = _labels(query_labels, n_query, "query_labels")
     g_labels = _labels(gallery_labels, len(index), "gallery_labels")
     if (q_labels < 0).any():
@@ -65,10 +71,11 @@ def retrieval_metrics(query_emb: object, query_labels: object, gallery_emb: obje
     ks = _top_k(top_k)
     if not isinstance(batch_size, Integral) or isinstance(batch_size, bool) or batch_size < 1:
         raise SearchError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    batch_size = int(batch_size)
     first_hits, aps = [], []
     for start in range(0, n_query, batch_size):
         rows = slice(start, start + batch_size)
-        scores = index.score_all(queries[rows])
+        scores = index.score_all(queries[rows], first_row=start, row_ids=None if own_ids is None else own_ids[rows])
         relevant = g_labels[None, :] == q_labels[rows, None]
         if own_ids is not None:
             own = index.ids[None, :] == own_ids[rows, None]
@@ -124,14 +131,14 @@ def _labels(labels: object, n: int, name: str) -> np.ndarray:
 def _own_ids(query_ids: object, gallery_ids: object, n_query: int) -> np.ndarray | None:
     if (query_ids is None) != (gallery_ids is None):
         raise SearchError("pass both query_ids and gallery_ids (self-match exclusion) or neither, got one")
-    return None if query_ids is None else _labels(query_ids, n_query, "query_ids")
+    return None if query_ids is None else unique_ids(query_ids, n_query, "query_ids")
 
 
 def _top_k(top_k: Sequence[int]) -> list[int]:
     ks = list(top_k)
     if not ks or any(not isinstance(k, Integral) or isinstance(k, bool) or k < 1 for k in ks):
         raise SearchError(f"top_k must be a non-empty sequence of integers >= 1, got {top_k!r}")
-    return ks
+    return [int(k) for k in ks]
 
 
 def knn_overlap(new: np.ndarray, transformed: np.ndarray, metric: str, k: int = 10) -> float:

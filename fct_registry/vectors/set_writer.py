@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from fct_registry.core.errors import EmbeddingSetError
+from fct_registry.core.errors import EmbeddingSetError, VersionMismatchError
 from fct_registry.core.refs import ModelRef
 from fct_registry.vectors.batch import EmbeddingBatch, concat_batches, slice_batch
 from fct_registry.vectors.embedding_set import MANIFEST, TEMP_SUFFIX, EmbeddingSet, EmbeddingSetManifest, ShardInfo
@@ -51,6 +51,16 @@ def _temp_dirs(path: Path) -> list[Path]:
     return [p for p in path.parent.glob(".tmp-*") if pattern.fullmatch(p.name)]
 
 
+def _check_model(batch: EmbeddingBatch, index: int, model: ModelRef) -> None:
+    where = f"batch {index} (first item_id {int(batch.ids[0])})" if len(batch) else f"batch {index}"
+    if batch.model is None:
+        raise EmbeddingSetError(f"{where} carries no model; tag it with the ModelRef that made its embeddings "
+                                f"(this set is for model {model})")
+    if batch.model != model:
+        raise VersionMismatchError(f"{where} holds embeddings of model {batch.model}, but the set is written for "
+                                   f"model {model}")
+
+
 def _check_batch(batch: EmbeddingBatch, first: EmbeddingBatch, normalized: bool) -> None:
     for name in ("embeddings", "side_info"):
         want, got = getattr(first, name), getattr(batch, name)
@@ -75,7 +85,7 @@ def _check_unique(id_arrays: list[np.ndarray]) -> None:
         raise EmbeddingSetError(f"duplicate item_id {int(dup[0])}")
 
 
-def _write_shards(tmp: Path, batches: Iterable[EmbeddingBatch], normalized: bool,
+def _write_shards(tmp: Path, batches: Iterable[EmbeddingBatch], model: ModelRef, normalized: bool,
                   shard_rows: int) -> tuple[EmbeddingBatch, list[ShardInfo], list[np.ndarray]]:
     first, shards, ids, pending, pending_rows = None, [], [], [], 0
 
@@ -85,9 +95,10 @@ def _write_shards(tmp: Path, batches: Iterable[EmbeddingBatch], normalized: bool
         _write_file(tmp / file, data)
         shards.append(ShardInfo(file=file, rows=len(batch), sha256=hashlib.sha256(data).hexdigest()))
 
-    for batch in batches:
+    for index, batch in enumerate(batches):
         if not isinstance(batch, EmbeddingBatch):
             raise EmbeddingSetError(f"expected EmbeddingBatch items, got {type(batch).__name__}")
+        _check_model(batch, index, model)
         first = batch if first is None else first
         _check_batch(batch, first, normalized)
         ids.append(batch.ids)
@@ -145,8 +156,10 @@ def write_embedding_set(path: str | os.PathLike, batches: EmbeddingBatch | Itera
     swapped out only once the new one is complete. Concurrent writers to one path are not supported.
 
     Args:
-        batches: one EmbeddingBatch or an iterable of them (embeddings (n, d), side_info (n, d_side)).
-        model: model that produced the embeddings; side_info_model: required iff batches carry side_info.
+        batches: one EmbeddingBatch or an iterable of them (embeddings (n, d), side_info (n, d_side)), each
+            carrying ``batch.model``, the model that made its embeddings.
+        model: the set's model (named in the manifest); every batch's ``model`` must equal it.
+        side_info_model: required iff batches carry side_info.
         metric: "l2" (Euclidean, unnormalised) or "cosine", the metric the set is to be searched with.
         normalized: every embedding has unit L2 norm (checked to 1e-3).
         lineage: history, e.g. ["gallery v1 embedded", "h v1->v2 applied"].
@@ -158,12 +171,15 @@ def write_embedding_set(path: str | os.PathLike, batches: EmbeddingBatch | Itera
         The written set (not re-verified).
 
     Raises:
-        EmbeddingSetError: ``path`` exists (without ``overwrite``) or is not a set, bad metric or shard_rows,
-            NaN/inf values, dim change between batches, side_info in only some batches or not matching
-            ``side_info_model``, duplicate item ids, no rows; an ``extra_files`` name that is not a plain file name
-            or is the manifest's or a shard's.
+        VersionMismatchError: a batch carries another model than ``model`` (naming both); nothing is written.
+        EmbeddingSetError: ``model`` is not a ModelRef or a batch carries none; ``path`` exists (without
+            ``overwrite``) or is not a set, bad metric or shard_rows, NaN/inf values, dim change between batches,
+            side_info in only some batches or not matching ``side_info_model``, duplicate item ids, no rows; an
+            ``extra_files`` name that is not a plain file name or is the manifest's or a shard's.
     """
     path = Path(path)
+    if not isinstance(model, ModelRef):
+        raise EmbeddingSetError(f"model must be a ModelRef, got {type(model).__name__} {model!r}")
     for name in extra_files or {}:
         if name in (MANIFEST, ".", "..") or "/" in name or os.sep in name or re.fullmatch(r"part-\d{5}\.parquet", name):
             raise EmbeddingSetError(f"extra file name {name!r} must be a plain file name other than {MANIFEST} and "
@@ -183,7 +199,7 @@ def write_embedding_set(path: str | os.PathLike, batches: EmbeddingBatch | Itera
     tmp.mkdir()
     try:
         first, shards, ids = _write_shards(
-            tmp, [batches] if isinstance(batches, EmbeddingBatch) else batches, normalized, shard_rows)
+            tmp, [batches] if isinstance(batches, EmbeddingBatch) else batches, model, normalized, shard_rows)
         _check_unique(ids)
         if (first.side_info is None) != (side_info_model is None):
             raise EmbeddingSetError(f"side_info_model is {side_info_model} but batches "

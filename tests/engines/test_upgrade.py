@@ -18,10 +18,11 @@ from torch import nn
 
 from fct_registry.core.errors import UpgradeError
 from fct_registry.core.refs import ModelRef
-from fct_registry.engines.chain import ChainStep, validate_chain
+from fct_registry.engines.chain import ChainStep, apply_chain, validate_chain
 from fct_registry.engines.run import upgrade_set
 from fct_registry.onnx_boundary.export import export_onnx
-from fct_registry.vectors.batch import EmbeddingBatch
+from fct_registry.onnx_boundary.runtime import OnnxModel
+from fct_registry.vectors.batch import EmbeddingBatch, with_model
 from fct_registry.vectors.embedding_set import EmbeddingSet
 from fct_registry.vectors.set_writer import write_embedding_set
 
@@ -108,6 +109,7 @@ def make_set(path: Path, n: int = 300, side: bool = True, shard_rows: int = 128,
         labels=rng.integers(-1, 10, size=n),
         embeddings=rng.normal(size=(n, d)).astype(np.float32),
         side_info=rng.normal(size=(n, D_SIDE)).astype(np.float32) if side else None,
+        model=V1,
     )
     return write_embedding_set(path, batch, model=V1, side_info_model=S1 if side else None,
                                lineage=["gallery v1 embedded"], shard_rows=shard_rows)
@@ -220,7 +222,7 @@ def test_nan_output_is_refused_and_nothing_is_written(h, tmp_path):
     source = make_set(tmp_path / "v1", side=False)
     batch = source.read()
     batch.embeddings[7, 2] = 20.0  # log(100 - 400) = NaN
-    poisoned = write_embedding_set(tmp_path / "poisoned", batch, model=V1)
+    poisoned = write_embedding_set(tmp_path / "poisoned", with_model(batch, V1), model=V1)
     with pytest.raises(UpgradeError, match=rf"step 1 \(fct-transformation/nan\) produced NaN/inf for item_id "
                                            rf"{batch.ids[7]} \(1 rows in this batch\)"):
         upgrade_set(poisoned.path, [step(h, "nan", V1, V2, side=None)], tmp_path / "out", batch_rows=64)
@@ -303,3 +305,19 @@ def test_ray_engine_writes_the_same_set_as_the_local_engine(h, tmp_path):
     assert np.abs(got.embeddings - local.embeddings).max() <= 1e-6
     assert distributed.manifest.model == V3 and calls[-1] == (300, 300)
     assert leftovers(tmp_path) == []
+
+
+def test_without_ids_a_nan_row_skips_the_remaining_steps_and_comes_out_nan(h):
+    """The Ray actors' mode (the driver checks the output): ONNX Runtime refuses NaN/inf input, so a row that is
+    NaN, or becomes NaN at a step, skips the later steps instead of failing the whole batch."""
+    steps = [step(h, "nan", V1, V2, side=None), step(h, "noside", V2, V3, side=None)]
+    models = [OnnxModel(s.onnx_path) for s in steps]
+    x = np.random.default_rng(0).normal(size=(5, D_OLD)).astype(np.float32)
+    x[1, 0] = 20.0  # log(100 - 400) = NaN at step 1
+    x[3, 2] = np.nan  # stored NaN
+    out = apply_chain(models, steps, x, None)
+    assert out.shape == (5, D_MID) and np.isnan(out[[1, 3]]).all()
+    np.testing.assert_array_equal(out[[0, 2, 4]], apply_chain(models, steps, x[[0, 2, 4]], None))
+    x[3, 2] = 0.0  # with ids (the local engine, which refuses stored NaN first) a NaN output is an error
+    with pytest.raises(UpgradeError, match=r"step 1 \(fct-transformation/nan\) produced NaN/inf for item_id 11 "):
+        apply_chain(models, steps, x, None, ids=np.arange(10, 15))

@@ -58,8 +58,8 @@ def _command_paths(command, prefix: tuple[str, ...] = ()) -> Iterator[tuple[str,
 def test_help_of_the_app_and_every_command():
     paths = list(_command_paths(typer.main.get_command(app)))
     assert set(paths) == {(), ("models",), ("models", "list"), ("models", "add"), ("sets",), ("sets", "list"),
-                          ("sets", "import"), ("sets", "export"), ("sets", "embed"), ("fit",), ("lineage",),
-                          ("promote",), ("upgrade",), ("evaluate",), ("search",), ("ui",), ("serve",)}
+                          ("sets", "import"), ("sets", "export"), ("sets", "embed"), ("sets", "clean"), ("fit",),
+                          ("lineage",), ("promote",), ("upgrade",), ("evaluate",), ("search",), ("ui",), ("serve",)}
     for path in paths:
         result = runner.invoke(app, [*path, "--help"])
         assert result.exit_code == 0 and "Usage: " in result.stdout, (path, result.output)

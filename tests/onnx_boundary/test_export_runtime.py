@@ -250,3 +250,40 @@ def test_provider_choice_puts_cuda_first_only_when_available_and_cpu_last(export
     assert OnnxModel(path).providers[-1] == "CPUExecutionProvider"
     with pytest.raises(RuntimeInputError, match="NoSuchExecutionProvider"):
         OnnxModel(path, providers=["NoSuchExecutionProvider"])
+
+
+# ----- regressions of issue 10: the boundary refuses complex and non-finite input ------------------------------
+
+
+@pytest.mark.parametrize("dtype", [np.complex64, np.complex128])
+def test_runtime_refuses_complex_input_instead_of_dropping_the_imaginary_part(exports, dtype):
+    model = exports["transformation"].model
+    old = np.zeros((2, 8), dtype=dtype)
+    old[1, 3] = 1 + 2j  # was silently truncated to 1.0
+    with pytest.raises(RuntimeInputError, match=rf"^input 'old_embedding' holds complex numbers \(dtype "
+                                                rf"{np.dtype(dtype)}\); expected real numbers") as info:
+        model.run(old_embedding=old, side_info=np.zeros((2, 16)))
+    assert "\n" not in str(info.value)
+    with pytest.raises(RuntimeInputError, match="complex numbers"):
+        model.run(old_embedding=old.tolist(), side_info=np.zeros((2, 16)))  # Python complex in lists too
+    with pytest.raises(RuntimeInputError, match=r"input 'side_info' holds non-numeric values \(dtype <U1\)"):
+        model.run(old_embedding=np.zeros((2, 8)), side_info=np.full((2, 16), "1"))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf, 1e39])  # 1e39 is finite in float64, inf in float32
+@pytest.mark.parametrize(("name", "row"), [("image", 2), ("old_embedding", 0), ("side_info", 3)])
+def test_runtime_refuses_nan_and_inf_naming_input_and_row(exports, bad, name, row):
+    case = "backbone" if name == "image" else "transformation"
+    inputs = {n: x.numpy().astype(np.float64) for n, x in _examples(case, batch=4).items()}
+    inputs[name][(row,) + (0,) * (inputs[name].ndim - 1)] = bad
+    with pytest.raises(RuntimeInputError) as info:
+        exports[case].model.run(**inputs)
+    assert str(info.value) == (f"input {name!r} row {row} holds NaN or inf (as float32); expected finite real "
+                               "numbers")
+
+
+def test_runtime_still_accepts_integer_and_bool_input(exports):
+    model = exports["backbone"].model
+    pixels = np.random.default_rng(0).integers(0, 255, size=(2, 1, 28, 28), dtype=np.uint8)
+    np.testing.assert_array_equal(model.run(image=pixels), model.run(image=pixels.astype(np.float32)))
+    assert model.run(image=pixels > 128).shape == (2, 8)

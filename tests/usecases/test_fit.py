@@ -193,7 +193,8 @@ def test_an_interrupted_fit_registers_nothing(world, folders):
 
 def test_upgrade_plans_a_fitted_edge(world, fitted, tmp_path):
     gallery = EmbeddingSet.open(world.gallery)
-    steps, output = upgrade.run_upgrade(world.registry, gallery, world.versions["v2"], tmp_path / "gallery_v1@v2")
+    done = upgrade.run_upgrade(world.registry, gallery, world.versions["v2"], tmp_path / "gallery_v1@v2")
+    steps, output = done.steps, done.output
     fitted_edges = {f"{v.name}/{v.version}": v for v in world.registry.versions("transformation")}
     (step,) = steps
     chosen = fitted_edges[step.name]  # the best-mAP one-hop edge among those this module fitted

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import factories
 import numpy as np
 import pytest
@@ -61,7 +63,8 @@ def test_plan_maps_the_two_hop_chain_to_registered_onnx_files(world):
 def test_plan_refuses_a_set_of_an_unregistered_model(world, tmp_path):
     stored = EmbeddingSet.open(world.gallery).read()
     stranger = ModelRef(label="v1", sha256="0" * 64)
-    odd = write_embedding_set(tmp_path / "odd", stored, stranger, world.versions["s1"].ref)
+    forged = dataclasses.replace(stored, model=stranger)  # the same vectors claimed by an unregistered model
+    odd = write_embedding_set(tmp_path / "odd", forged, stranger, world.versions["s1"].ref)
     with pytest.raises(RegistryError, match=rf"set {tmp_path / 'odd'}: v1@000000000000 is not registered"):
         upgrade.plan_upgrade(world.registry, odd, world.versions["v3"])
 
@@ -69,9 +72,11 @@ def test_plan_refuses_a_set_of_an_unregistered_model(world, tmp_path):
 def test_run_upgrade_records_input_chain_and_output(world, tmp_path):
     dest = tmp_path / "gallery_v1@v3"
     planned = []
-    steps, output = upgrade.run_upgrade(world.registry, EmbeddingSet.open(world.gallery), world.versions["v3"], dest,
-                                        on_plan=planned.append)
-    assert planned == [steps] and output.path == dest and output.manifest.model == world.versions["v3"].ref
+    done = upgrade.run_upgrade(world.registry, EmbeddingSet.open(world.gallery), world.versions["v3"], dest,
+                               on_plan=planned.append)
+    steps, output = done.steps, done.output
+    assert planned == [steps] and done.state == "written" and output.path == dest
+    assert output.manifest.model == world.versions["v3"].ref
     source = EmbeddingSet.open(world.gallery).read()
     np.testing.assert_allclose(output.read().embeddings,
                                factories.upgrade_by_hand(world.zoo, ["h-v1-v2", "h-v2-v3"], source), atol=1e-4)
@@ -87,9 +92,10 @@ def test_run_upgrade_records_input_chain_and_output(world, tmp_path):
 
 
 def test_dry_run_validates_and_writes_nothing(world, tmp_path):
-    steps, output = upgrade.run_upgrade(world.registry, EmbeddingSet.open(world.gallery), world.versions["v2"],
-                                        tmp_path / "out", dry_run=True)
-    assert output is None and len(steps) == 1 and list(tmp_path.iterdir()) == []
+    done = upgrade.run_upgrade(world.registry, EmbeddingSet.open(world.gallery), world.versions["v2"],
+                               tmp_path / "out", dry_run=True)
+    assert done.output is None and done.state == "planned" and len(done.steps) == 1
+    assert done.note == f"{tmp_path / 'out'} would be created" and list(tmp_path.iterdir()) == []
 
 
 def test_default_output_drops_the_previous_label(world, tmp_path):
@@ -170,8 +176,10 @@ def test_lineage_and_listings(world):
     assert leaf.startswith(f"    └── {v['v3'].ref} fct-backbone/{v['v3'].version} ") and "@champion" in leaf
     labels = [m.ref.label for m in models.list_models(world.registry)]
     assert labels == [*factories.DIMS, *factories.LINKS]
-    (entry,) = sets.list_sets(world.registry, world.sets_root)
+    listing = sets.list_sets(world.registry, world.sets_root)
+    (entry,) = listing.entries
     assert entry.backbone.ref == v["v1"].ref and entry.embedding_set.manifest.count == 50
+    assert listing.invalid == [] and listing.unfinished == []
 
 
 def test_mlflow_ui_command_uses_one_worker_without_job_execution(world):

@@ -11,11 +11,12 @@ import textwrap
 import numpy as np
 import pytest
 from batch_checks import assert_batches_equal
+from factories import tree
 
 from fct_registry.core.errors import EmbeddingSetError, VersionMismatchError
 from fct_registry.core.refs import ModelRef
 from fct_registry.vectors.batch import EmbeddingBatch, as_float32_matrix
-from fct_registry.vectors.embedding_set import EmbeddingSet, list_embedding_sets, require_same_model
+from fct_registry.vectors.embedding_set import EmbeddingSet, SetScan, require_same_model, scan_embedding_sets
 from fct_registry.vectors.set_writer import write_embedding_set
 
 V1 = ModelRef(label="v1", sha256=hashlib.sha256(b"model v1").hexdigest())
@@ -23,7 +24,8 @@ V2 = ModelRef(label="v2", sha256=hashlib.sha256(b"model v2").hexdigest())
 S1 = ModelRef(label="s1", sha256=hashlib.sha256(b"side model").hexdigest())
 
 
-def make_batch(start: int, n: int, d: int = 4, d_side: int | None = None, seed: int = 0) -> EmbeddingBatch:
+def make_batch(start: int, n: int, d: int = 4, d_side: int | None = None, seed: int = 0,
+               model: ModelRef = V1) -> EmbeddingBatch:
     rng = np.random.default_rng(seed + start)
     side = None if d_side is None else rng.normal(size=(n, d_side)).astype(np.float32)
     return EmbeddingBatch(
@@ -31,6 +33,7 @@ def make_batch(start: int, n: int, d: int = 4, d_side: int | None = None, seed: 
         labels=np.arange(start, start + n, dtype=np.int64) % 3 - 1,
         embeddings=rng.normal(size=(n, d)).astype(np.float32),
         side_info=side,
+        model=model,
     )
 
 
@@ -171,13 +174,13 @@ def test_invalid_manifest_rejected(tmp_path):
 
 
 def test_existing_path_refused_unless_overwrite(tmp_path):
-    first, second = make_batch(0, 5), make_batch(100, 3, d=2)
+    first, second = make_batch(0, 5), make_batch(100, 3, d=2, model=V2)
     write_embedding_set(tmp_path / "g", first, V1)
     with pytest.raises(EmbeddingSetError, match="already exists"):
         write_embedding_set(tmp_path / "g", second, V2)
     assert_batches_equal(EmbeddingSet.open(tmp_path / "g").read(), first)
     with pytest.raises(EmbeddingSetError, match="dim changed"):  # failed overwrite keeps the old set
-        write_embedding_set(tmp_path / "g", [second, make_batch(200, 2, d=3)], V2, overwrite=True)
+        write_embedding_set(tmp_path / "g", [second, make_batch(200, 2, d=3, model=V2)], V2, overwrite=True)
     assert_batches_equal(EmbeddingSet.open(tmp_path / "g").read(), first)
     s = write_embedding_set(tmp_path / "g", second, V2, overwrite=True)
     assert s.manifest.model == V2
@@ -191,7 +194,7 @@ def test_existing_path_refused_unless_overwrite(tmp_path):
 def test_overwrite_in_place_while_streaming_from_the_old_set(tmp_path):
     old = write_embedding_set(tmp_path / "g", [make_batch(0, 9)], V1, shard_rows=4)
     want = old.read()
-    upgraded = (EmbeddingBatch(b.ids, b.labels, b.embeddings * 2.0) for b in old.iter_batches(3))
+    upgraded = (EmbeddingBatch(b.ids, b.labels, b.embeddings * 2.0, model=V2) for b in old.iter_batches(3))
     new = write_embedding_set(tmp_path / "g", upgraded, V2, lineage=["h v1->v2"], overwrite=True)
     got = EmbeddingSet.open(new.path).read()
     np.testing.assert_array_equal(got.ids, want.ids)
@@ -208,10 +211,11 @@ KILLED_WRITER = textwrap.dedent("""
 
     def batches():
         for i in range(3):
-            yield EmbeddingBatch(np.arange(4) + 4 * i, np.zeros(4, dtype=np.int64), np.ones((4, 2)))
+            yield EmbeddingBatch(np.arange(4) + 4 * i, np.zeros(4, dtype=np.int64), np.ones((4, 2)), model=V1)
         os.kill(os.getpid(), signal.SIGKILL)
 
-    write_embedding_set(sys.argv[1], batches(), ModelRef(label="v1", sha256="0" * 64), shard_rows=4)
+    V1 = ModelRef(label="v1", sha256="0" * 64)
+    write_embedding_set(sys.argv[1], batches(), V1, shard_rows=4)
 """)
 
 
@@ -224,22 +228,42 @@ def test_interrupted_write_is_invisible_and_cleaned(tmp_path):
     assert len(leftovers) == 1 and len(list(leftovers[0].glob("*.parquet"))) == 3
     (leftovers[0] / "manifest.json").write_text("{}")  # even a manifest inside a temp dir is ignored
     assert not (root / "g").exists()
-    assert [s.path.name for s in list_embedding_sets(root)] == ["other"]
+    scan = scan_embedding_sets(root)
+    assert [s.path.name for s in scan.sets] == ["other"] and scan.invalid == [] and scan.unfinished == leftovers
 
     batch = make_batch(0, 6)
     write_embedding_set(root / "g", batch, V1)
     assert sorted(p.name for p in root.iterdir()) == ["g", "other"]
-    assert [s.path.name for s in list_embedding_sets(root, verify=True)] == ["g", "other"]
+    assert [s.path.name for s in scan_embedding_sets(root, verify=True).sets] == ["g", "other"]
     assert_batches_equal(EmbeddingSet.open(root / "g").read(), batch)
 
 
 def test_list_embedding_sets_nested(tmp_path):
-    write_embedding_set(tmp_path / "gallery" / "v2", make_batch(0, 2), V2)
+    write_embedding_set(tmp_path / "gallery" / "v2", make_batch(0, 2, model=V2), V2)
     write_embedding_set(tmp_path / "gallery" / "v1", make_batch(0, 2), V1)
     (tmp_path / "empty_dir").mkdir()
-    sets = list_embedding_sets(tmp_path)
+    sets = scan_embedding_sets(tmp_path).sets
     assert [(s.path.parent.name, s.path.name, s.manifest.model) for s in sets] == [
         ("gallery", "v1", V1), ("gallery", "v2", V2)]
+
+
+def test_scan_reports_invalid_sets_and_goes_on(tmp_path):
+    write_embedding_set(tmp_path / "good", make_batch(0, 2), V1)
+    write_embedding_set(tmp_path / "bad_shard", make_batch(0, 2), V1)
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "manifest.json").write_text("{not json")
+    next((tmp_path / "bad_shard").glob("*.parquet")).write_bytes(b"junk")
+    before = tree(tmp_path)
+
+    scan = scan_embedding_sets(tmp_path)
+    assert [s.path.name for s in scan.sets] == ["bad_shard", "good"]
+    assert [(p.name, "invalid" in reason) for p, reason in scan.invalid] == [("broken", True)]
+    verified = scan_embedding_sets(tmp_path, verify=True)
+    assert [s.path.name for s in verified.sets] == ["good"]
+    assert sorted(p.name for p, _ in verified.invalid) == ["bad_shard", "broken"]
+    assert all("\n" not in reason for _, reason in verified.invalid)
+    assert tree(tmp_path) == before  # scanning reads only
+    assert scan_embedding_sets(tmp_path / "missing") == SetScan([], [], [])
 
 
 def test_require_same_model():

@@ -14,7 +14,7 @@ from batch_checks import assert_batches_equal
 
 from fct_registry.core.errors import DataError, EmbeddingSetError
 from fct_registry.core.refs import ModelRef
-from fct_registry.vectors.batch import EmbeddingBatch, concat_batches
+from fct_registry.vectors.batch import EmbeddingBatch, concat_batches, with_model
 from fct_registry.vectors.embedding_set import EmbeddingSet
 from fct_registry.vectors.exporting import export_set
 from fct_registry.vectors.importing import Columns, NpySource, ParquetSource, open_source
@@ -30,7 +30,7 @@ def gallery(n: int = N, seed: int = 0) -> EmbeddingBatch:
     rng = np.random.default_rng(seed)
     return EmbeddingBatch(ids=np.arange(n, dtype=np.int64) * 7 + 100, labels=np.arange(n, dtype=np.int64) % 4 - 1,
                           embeddings=rng.normal(size=(n, D)).astype(np.float32),
-                          side_info=rng.normal(size=(n, D_SIDE)).astype(np.float32))
+                          side_info=rng.normal(size=(n, D_SIDE)).astype(np.float32), model=V1)
 
 
 def write_parquet(path: Path, batch: EmbeddingBatch, names: dict[str, str] | None = None, fixed: bool = True,
@@ -66,7 +66,8 @@ def write_npy(folder: Path, batch: EmbeddingBatch, **overrides: np.ndarray) -> P
 
 def import_into(path: Path, source, rows: int = 4) -> EmbeddingSet:
     side = S1 if source.side_info_dim is not None else None
-    return write_embedding_set(path, source.iter_batches(rows), V1, side, lineage=[f"imported from {source.path}"])
+    batches = (with_model(batch, V1) for batch in source.iter_batches(rows))  # the importer knows no model
+    return write_embedding_set(path, batches, V1, side, lineage=[f"imported from {source.path}"])
 
 
 def left_in(folder: Path) -> list[str]:

@@ -202,3 +202,62 @@ def test_knn_overlap_equals_a_plain_loop_and_spans_zero_to_one():
     assert knn_overlap(new, rng.normal(size=new.shape).astype(np.float32), "l2", k=5) < 0.4
     assert knn_overlap(new[:3], new[:3], "l2", k=10) == 1.0  # k capped at N - 1
 
+
+
+# ----- regressions of issue 10 ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ids", [False, True])
+def test_bad_query_is_named_by_its_global_row_not_its_row_in_the_batch(ids):
+    rng = np.random.default_rng(6)
+    queries = rng.standard_normal((1200, 3)).astype(np.float32)
+    queries[1100, 1] = np.nan  # row 76 of the second batch of 1024
+    gallery = rng.standard_normal((5, 3))
+    kwargs = {"query_ids": np.arange(1200) + 5000, "gallery_ids": np.arange(5)} if ids else {}
+    message = r"^queries row 1100 \(item_id 6100\) contains NaN" if ids else r"^queries row 1100 contains NaN"
+    with pytest.raises(SearchError, match=message):
+        retrieval_metrics(queries, np.zeros(1200, dtype=np.int64), gallery, np.zeros(5, dtype=np.int64), "l2",
+                          **kwargs)
+    queries[1100] = 0.0
+    with pytest.raises(SearchError, match=r"^queries row 1100 .*is a zero vector"):
+        retrieval_metrics(queries, np.zeros(1200, dtype=np.int64), gallery, np.zeros(5, dtype=np.int64), "cosine",
+                          batch_size=1000, **kwargs)
+
+
+def test_bad_gallery_row_names_its_item_id():
+    gallery = np.eye(3)
+    gallery[2, 2] = np.inf
+    with pytest.raises(SearchError, match=r"gallery embeddings row 2 \(item_id 32\) contains NaN or inf"):
+        retrieval_metrics(np.eye(3), [0, 1, 2], gallery, [0, 1, 2], "l2", query_ids=[30, 31, 32],
+                          gallery_ids=[30, 31, 32])
+
+
+@pytest.mark.parametrize("queries", [np.zeros((0, 3)), np.zeros((0, 3), dtype=np.float32)])
+def test_zero_queries_is_a_one_line_search_error(queries):
+    with pytest.raises(SearchError, match=r"query_emb must have at least one row") as info:
+        retrieval_metrics(queries, np.zeros(0, dtype=np.int64), np.eye(3), [0, 1, 2], "l2")
+    assert "\n" not in str(info.value)
+
+
+def test_duplicate_query_ids_are_refused():
+    items = np.array([[0.0, 0.0], [1.0, 0.0], [5.0, 5.0]])
+    labels = [0, 0, 1]
+    # query 1 claims item 10's id, so its own item 11 would no longer be excluded: cmc_top1 1/3 -> 2/3
+    with pytest.raises(SearchError, match="query_ids must be unique, id 10 repeats"):
+        retrieval_metrics(items, labels, items, labels, "l2", query_ids=[10, 10, 12], gallery_ids=[10, 11, 12])
+
+
+def test_numpy_integer_top_k_and_batch_size_are_accepted():
+    rng = np.random.default_rng(7)
+    items = rng.standard_normal((12, 3))
+    labels = rng.integers(0, 3, size=12)
+    plain = retrieval_metrics(items, labels, items, labels, "l2", top_k=(1, 3), batch_size=5)
+    numpy_ints = retrieval_metrics(items, labels, items, labels, "l2", top_k=np.array([1, 3]),
+                                   batch_size=np.int64(5))
+    assert numpy_ints == plain and list(numpy_ints) == ["cmc_top1", "cmc_top3", "map"]
+    for bad in ((1.0,), (True,), (np.bool_(True),)):
+        with pytest.raises(SearchError, match="top_k"):
+            retrieval_metrics(items, labels, items, labels, "l2", top_k=bad)
+    with pytest.raises(SearchError, match="batch_size"):
+        retrieval_metrics(items, labels, items, labels, "l2", batch_size=np.float64(5.0))
+    assert knn_overlap(items, items, "l2", k=np.int64(3)) == 1.0

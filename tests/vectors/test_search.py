@@ -10,6 +10,7 @@ import pytest
 from fct_registry.core.errors import SearchError, VersionMismatchError
 from fct_registry.core.refs import ModelRef
 from fct_registry.vectors.batch import EmbeddingBatch
+from fct_registry.vectors.embedding_set import EmbeddingSet
 from fct_registry.vectors.search import GalleryIndex, index_for_set, search_set
 from fct_registry.vectors.set_writer import write_embedding_set
 
@@ -149,7 +150,7 @@ def test_bad_shapes_and_values():
 def _write_set(path, model, metric):
     batch = EmbeddingBatch(ids=np.array([11, 12, 13], dtype=np.int64), labels=np.array([0, 1, 0], dtype=np.int64),
                            embeddings=np.array([[10.0, 0.0], [0.9, 0.1], [0.0, 2.0]], dtype=np.float32),
-                           side_info=None)
+                           side_info=None, model=model)
     return write_embedding_set(path, batch, model=model, metric=metric)
 
 
@@ -168,3 +169,80 @@ def test_search_set_refuses_other_model(tmp_path):
         search_set(index, [[1.0, 0.0]], ModelRef(label="v1", sha256="3" * 64), k=1)
     with pytest.raises(SearchError, match="index.model is None"):
         search_set(GalleryIndex([[1.0, 0.0]], "l2"), [[1.0, 0.0]], V1, k=1)
+
+
+# ----- regressions of issue 10 ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k", [np.int64(2), np.int32(2), np.uint8(2)])
+def test_numpy_integer_k_is_accepted(k):
+    index = GalleryIndex(np.eye(3), "l2", ids=[10, 11, 12])
+    plain = index.search(np.eye(3)[:1], k=2)
+    result = index.search(np.eye(3)[:1], k=k)  # crashed inside faiss with a SWIG TypeError
+    np.testing.assert_array_equal(result.ids, plain.ids)
+    excluded = index.search(np.eye(3)[:1], k=k, exclude_self=True, query_ids=[10])
+    assert excluded.ids.tolist() == [[11, 12]]
+
+
+@pytest.mark.parametrize("k", [np.float64(2.0), np.bool_(True), "2", None])
+def test_non_integer_k_is_refused_in_one_line(k):
+    with pytest.raises(SearchError, match=r"k must be an integer in \[1, 3\]") as info:
+        GalleryIndex(np.eye(3), "l2").search(np.eye(3)[:1], k=k)
+    assert repr(k) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_search_set_accepts_numpy_k(tmp_path):
+    index = index_for_set(_write_set(tmp_path / "gallery", V1, "l2"))
+    assert search_set(index, [[1.0, 0.0]], V1, k=np.int64(2)).ids.tolist() == [[12, 13]]
+
+
+def test_bad_query_row_is_named_by_its_row_and_query_id():
+    index = GalleryIndex(np.eye(3), "cosine", ids=[10, 11, 12])
+    queries = np.eye(3)[[0, 1, 2, 0]]
+    queries[3] = 0.0
+    with pytest.raises(SearchError, match=r"^queries row 3 \(item_id 10\) is a zero vector"):
+        index.search(queries, k=1, exclude_self=True, query_ids=[11, 12, 13, 10])
+    queries[3, 0] = np.inf
+    with pytest.raises(SearchError, match=r"^queries row 3 contains NaN or inf; expected finite"):
+        index.search(queries, k=1)
+    with pytest.raises(SearchError, match=r"^queries row 1002 \(item_id 7\) contains NaN"):
+        index.score_all(queries[3:], first_row=999 + 3, row_ids=np.array([7]))
+
+
+def test_bad_gallery_row_of_a_stored_set_names_the_set_and_item_id(tmp_path):
+    stored = _write_set(tmp_path / "gallery", V1, "l2")
+    batch = stored.read()
+    batch.embeddings[1, 1] = np.nan  # a set corrupted after it was written (the writer refuses NaN)
+    with pytest.raises(SearchError, match=r"gallery embeddings row 1 \(item_id 12\) contains NaN"):
+        GalleryIndex(batch.embeddings, "l2", ids=batch.ids)
+    from factories import poison_set
+
+    poison_set(stored.path, row=2)
+    with pytest.raises(SearchError, match=rf"^embedding set {stored.path}: gallery embeddings row 2 \(item_id 13\) "
+                                          "contains NaN or inf"):
+        index_for_set(EmbeddingSet.open(stored.path))
+
+
+def test_duplicate_query_ids_are_refused():
+    index = GalleryIndex(np.eye(3), "l2", ids=[10, 11, 12])
+    with pytest.raises(SearchError, match="query_ids must be unique, id 10 repeats"):
+        index.search(np.eye(3), k=1, exclude_self=True, query_ids=[10, 10, 12])
+
+
+def test_cosine_self_matches_of_unit_float32_vectors_score_at_most_one():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1000, 64)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    index = GalleryIndex(x, "cosine")
+    for scores in (index.search(x, k=3).scores, index.score_all(x[:40]), index.search(-x[:40], k=1000).scores):
+        assert scores.dtype == np.float32
+        assert scores.max() <= 1.0 and scores.min() >= -1.0  # were up to 1.0000006
+        assert (1.0 - scores).min() >= 0.0  # a cosine distance is never negative
+    np.testing.assert_allclose(index.search(x, k=1).scores, 1.0, atol=1e-6)
+
+
+def test_l2_distances_are_never_negative():
+    x = np.random.default_rng(1).standard_normal((300, 32)).astype(np.float32)
+    index = GalleryIndex(x, "l2")
+    for scores in (index.search(x, k=2).scores, index.score_all(x[:30])):  # BLAS path (>= 20 queries) included
+        assert (-scores).min() >= 0.0

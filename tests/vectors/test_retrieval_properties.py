@@ -1,0 +1,194 @@
+"""Property-based tests: CMC top-k, mAP and top-k search equal a plain-Python-loop oracle of the documented protocol.
+
+The oracle (``oracle_metrics``) is the protocol of :mod:`fct_registry.vectors.metrics` written out: the query's own
+item (same id) is dropped, the gallery is ranked by descending score with equal scores in gallery order (lower
+position first), an item is relevant iff its label equals the query's, CMC top-k counts queries whose first
+relevant item has rank <= k, AP is the mean over relevant items of (relevant items at or above it) / (its rank),
+and a query without relevant items is a miss with AP 0 that stays in the denominators.
+
+Ties are the point, so the first family of inputs is built to make the implementation's float32 arithmetic exact:
+for ``l2`` small integer vectors (squared distances are small integers), for ``cosine`` signed one-hot and
+four-hot vectors scaled by 1, 2 or 4 (unit vectors with components 0, +-1/2, +-1, all inner products multiples of
+1/4). The oracle ranks those exactly (integers and fractions), so equal scores are really equal on both sides.
+The second family is random float vectors with exact duplicates, ranked by the oracle in float64.
+"""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import numpy as np
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from fct_registry.vectors.metrics import retrieval_metrics
+from fct_registry.vectors.search import GalleryIndex
+
+SETTINGS = settings(max_examples=80, deadline=None, database=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+
+
+def exact_score(query: list, item: list, metric: str) -> Fraction:
+    """Larger is better: minus the squared Euclidean distance (same order as minus the distance), or the cosine of
+    two integer vectors whose squared norms are perfect squares (exact as a fraction)."""
+    if metric == "l2":
+        return -Fraction(sum((a - b) ** 2 for a, b in zip(query, item, strict=True)))
+    norms = math.isqrt(sum(a * a for a in query)) * math.isqrt(sum(b * b for b in item))
+    return Fraction(sum(a * b for a, b in zip(query, item, strict=True)), norms)
+
+
+def float_score(query: list, item: list, metric: str) -> float:
+    """Larger is better, in float64: minus the Euclidean distance, or the cosine similarity."""
+    if metric == "l2":
+        return -math.dist(query, item)
+    dot = sum(a * b for a, b in zip(query, item, strict=True))
+    return dot / (math.hypot(*query) * math.hypot(*item))
+
+
+def oracle_metrics(queries, query_labels, gallery, gallery_labels, metric, query_ids, gallery_ids, top_k, score):
+    """The documented protocol as a plain loop over queries and gallery items."""
+    hits = dict.fromkeys(top_k, 0)
+    ap_sum = 0.0
+    for i, query in enumerate(queries):
+        ranked = []
+        for j, item in enumerate(gallery):
+            if query_ids is not None and gallery_ids[j] == query_ids[i]:
+                continue  # the query's own item
+            ranked.append((score(query, item, metric), j))
+        ranked.sort(key=lambda pair: (-pair[0], pair[1]))  # best first; equal scores: lower gallery position first
+        found, precisions, first = 0, [], None
+        for rank, (_, j) in enumerate(ranked, start=1):
+            if gallery_labels[j] == query_labels[i]:
+                found += 1
+                precisions.append(found / rank)
+                if first is None:
+                    first = rank
+        for k in top_k:
+            if first is not None and first <= k:
+                hits[k] += 1
+        ap_sum += sum(precisions) / len(precisions) if precisions else 0.0
+    result = {f"cmc_top{k}": hits[k] / len(queries) for k in top_k}
+    result["map"] = ap_sum / len(queries)
+    return result
+
+
+@st.composite
+def exact_vectors(draw, metric: str, d: int) -> list[int]:
+    if metric == "l2":
+        return draw(st.lists(st.integers(-3, 3), min_size=d, max_size=d))
+    hot = draw(st.sampled_from([1, 4]))
+    support = draw(st.permutations(range(d)))[:hot]
+    signs = draw(st.lists(st.sampled_from([-1, 1]), min_size=hot, max_size=hot))
+    scale = draw(st.sampled_from([1, 2, 4]))
+    vector = [0] * d
+    for position, sign in zip(support, signs, strict=True):
+        vector[position] = sign * scale
+    return vector
+
+
+@st.composite
+def retrieval_cases(draw, exact: bool):
+    """A small gallery and queries drawn from a small pool of vectors (so distances tie), labels with repeats,
+    query classes absent from the gallery, and ids for self-exclusion (the test split against itself, or
+    separate queries some of whose ids name gallery items)."""
+    metric = draw(st.sampled_from(["l2", "cosine"]))
+    d = draw(st.integers(4, 5)) if exact and metric == "cosine" else draw(st.integers(1, 4))
+    pool_size = draw(st.integers(1, 5))
+    if exact:
+        pool = [draw(exact_vectors(metric, d)) for _ in range(pool_size)]
+    else:
+        rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+        pool = rng.standard_normal((pool_size, d)).astype(np.float32).astype(np.float64).tolist()
+    n_gallery = draw(st.integers(1, 10))
+    gallery = [pool[draw(st.integers(0, pool_size - 1))] for _ in range(n_gallery)]
+    gallery_ids = draw(st.lists(st.integers(-50, 50), min_size=n_gallery, max_size=n_gallery, unique=True))
+    mode = draw(st.sampled_from(["self", "separate_with_ids", "separate"]))
+    if mode == "self":  # the test split against itself: its own item is excluded
+        queries, query_ids = gallery, gallery_ids
+        gallery_labels = draw(st.lists(st.integers(0, 3), min_size=n_gallery, max_size=n_gallery))
+        query_labels = gallery_labels
+    else:
+        n_query = draw(st.integers(1, 8))
+        queries = [pool[draw(st.integers(0, pool_size - 1))] for _ in range(n_query)]
+        gallery_labels = draw(st.lists(st.integers(-1, 3), min_size=n_gallery, max_size=n_gallery))
+        query_labels = draw(st.lists(st.integers(0, 5), min_size=n_query, max_size=n_query))  # 4, 5: absent
+        query_ids = None
+        if mode == "separate_with_ids":
+            query_ids = draw(st.lists(st.sampled_from(range(-60, 61)), min_size=n_query, max_size=n_query,
+                                      unique=True))
+    top_k = draw(st.lists(st.integers(1, n_gallery + 2), min_size=1, max_size=4, unique=True))
+    batch_size = draw(st.integers(1, 6))
+    return metric, queries, query_labels, gallery, gallery_labels, query_ids, \
+        None if query_ids is None else gallery_ids, top_k, batch_size
+
+
+def check_against_oracle(case, score) -> dict[str, float]:
+    metric, queries, query_labels, gallery, gallery_labels, query_ids, gallery_ids, top_k, batch_size = case
+    got = retrieval_metrics(np.array(queries), np.array(query_labels), np.array(gallery), np.array(gallery_labels),
+                            metric, query_ids=query_ids, gallery_ids=gallery_ids, top_k=top_k,
+                            batch_size=batch_size)
+    want = oracle_metrics(queries, query_labels, gallery, gallery_labels, metric, query_ids, gallery_ids, top_k,
+                          score)
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        assert math.isclose(got[key], value, rel_tol=1e-12, abs_tol=1e-12), (key, got, want)
+        assert 0.0 <= got[key] <= 1.0
+    return got
+
+
+@SETTINGS
+@given(retrieval_cases(exact=True))
+def test_metrics_equal_the_oracle_with_exact_ties(case):
+    check_against_oracle(case, exact_score)
+
+
+def well_separated(case) -> bool:
+    """Every query's scores against distinct gallery vectors differ by > 1e-4 (float32 keeps their order)."""
+    metric, queries, _, gallery, *_ = case
+    distinct = [list(v) for v in {tuple(v) for v in gallery}]
+    for query in queries:
+        scores = sorted(float_score(query, item, metric) for item in distinct)
+        if any(b - a <= 1e-4 for a, b in zip(scores, scores[1:], strict=False)):
+            return False
+    return True
+
+
+@SETTINGS
+@given(retrieval_cases(exact=False))
+def test_metrics_equal_the_oracle_on_random_vectors_with_duplicates(case):
+    assume(well_separated(case))  # ties only between duplicated vectors, which score exactly alike
+    check_against_oracle(case, float_score)
+
+
+@SETTINGS
+@given(retrieval_cases(exact=True), st.integers(1, 6))
+def test_metrics_do_not_depend_on_batch_size(case, other_batch_size):
+    got = check_against_oracle(case, exact_score)
+    assert check_against_oracle((*case[:-1], other_batch_size), exact_score) == got
+
+
+@SETTINGS
+@given(retrieval_cases(exact=True), st.data())
+def test_search_top_k_equals_the_oracle_ranking(case, data):
+    """GalleryIndex.search: descending scores, equal scores in gallery order, own item dropped with exclude_self;
+    among items tied at the k-th place, which are returned is faiss' choice (documented), so only that is free."""
+    metric, queries, _, gallery, _, query_ids, gallery_ids, _, _ = case
+    exclude_self = query_ids is not None
+    assume(len(gallery) - int(exclude_self) >= 1)
+    k = data.draw(st.integers(1, len(gallery) - int(exclude_self)), label="k")
+    ids = gallery_ids if exclude_self else list(range(len(gallery)))
+    result = GalleryIndex(np.array(gallery), metric, ids=np.array(ids)).search(
+        np.array(queries), k, exclude_self=exclude_self, query_ids=query_ids)
+    position = {item_id: j for j, item_id in enumerate(ids)}
+    for i, query in enumerate(queries):
+        ranked = sorted(((exact_score(query, item, metric), j) for j, item in enumerate(gallery)
+                         if not exclude_self or ids[j] != query_ids[i]), key=lambda pair: (-pair[0], pair[1]))
+        got = [(exact_score(query, gallery[position[item_id]], metric), position[item_id])
+               for item_id in result.ids[i].tolist()]
+        assert [s for s, _ in got] == [s for s, _ in ranked[:k]]  # the k best scores, best first
+        assert got == sorted(got, key=lambda pair: (-pair[0], pair[1]))  # equal scores: lower position first
+        kth = ranked[k - 1][0]
+        assert [pair for pair in got if pair[0] > kth] == [pair for pair in ranked if pair[0] > kth]
+        want_scores = [-math.sqrt(-s) if metric == "l2" else float(s) for s, _ in ranked[:k]]
+        np.testing.assert_allclose(result.scores[i], want_scores, rtol=1e-6, atol=1e-6)
