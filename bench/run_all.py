@@ -17,7 +17,7 @@ from pathlib import Path
 
 import common
 
-BENCHMARKS = ("upgrade_throughput", "upgrade_memory", "serving_latency")
+BENCHMARKS = ("upgrade_throughput", "upgrade_memory", "serving_latency", "store_stress")
 HERE = Path(__file__).resolve().parent
 
 

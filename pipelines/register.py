@@ -28,8 +28,9 @@ cases = json.loads(Path("metrics/retrieval.json").read_text())["cases"]
 per_seed = json.loads(Path("reports/per_seed.json").read_text())
 seed = params.transformation.seeds[0]
 v1, v2, v3 = params.old.version, params.new.version, params.v3.version
-sections = {"models/old": ["protocol", "old"], "models/side_info": ["side_info"], "models/new": ["new"],
-            "models/v3": ["v3"], "models/bct": ["protocol", "bct"]}
+# The BCT baseline goes in before v2 and v3, so that fct-backbone's newest version is the newest backbone.
+sections = {"models/old": ["protocol", "old"], "models/bct": ["protocol", "bct"], "models/side_info": ["side_info"],
+            "models/new": ["new"], "models/v3": ["v3"]}
 # The direct h-v1-v3 stays an evaluation baseline: the registry's graph upgrades v1 galleries through v2.
 transformations = {f"h-{v1}-{v2}": "new_vs_upgraded", f"h-{v1}-{v2}-noside": "new_vs_upgraded_noside",
                    f"h-{v2}-{v3}": "v3_vs_upgraded_from_v2"}

@@ -18,12 +18,19 @@ import typer
 from fct_registry.cli import evaluate, fit, models, promote, sets, ui, upgrade
 from fct_registry.cli.common import Commands, use_project
 
+WORKFLOW = """Forward compatible training registry: upgrade stored gallery embeddings to a new backbone through
+registered ONNX transformations, without reading an image again.
+
+The workflow: 1. models add (your backbone and side-info model) -> 2. sets import / sets embed (store a gallery's
+vectors) -> 3. fit (learn h: old [+ side-info] -> new, when a new backbone arrives) -> 4. promote (move the
+champion alias) -> 5. upgrade (bring every stored set to the champion) -> 6. search / serve. lineage and ui show
+what is registered."""
+
 app = typer.Typer(cls=Commands, no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False,
-                  help="Forward compatible training registry: upgrade stored gallery embeddings to a new backbone "
-                       "through registered ONNX transformations, without reading an image again.")
+                  help=WORKFLOW)
 app.add_typer(models.app, name="models")
 app.add_typer(sets.app, name="sets")
-for group in (models.lineage_app, promote.app, upgrade.app, evaluate.app, fit.app, ui.app):
+for group in (fit.app, promote.app, upgrade.app, evaluate.app, ui.app, models.lineage_app):
     app.add_typer(group)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -35,12 +36,22 @@ def serve_command(
     max_upload_bytes: Annotated[int, typer.Option(help="Largest /search request body, bytes.")]
     = DEFAULT_MAX_UPLOAD_BYTES,
     max_k: Annotated[int, typer.Option(help="Largest k a query may ask for.")] = DEFAULT_MAX_K,
+    admin_token_file: Annotated[Path | None, typer.Option(
+        help=f"File holding the token POST /reload requires (Authorization: Bearer); else ${usecase.ADMIN_TOKEN_ENV}.",
+        show_default=False)] = None,
 ) -> None:
     """Serve gallery search over HTTP with the champion backbone until Ctrl-C.
 
     Refuses to start unless a set under --sets-root was made by the champion (upgrade the gallery first).
+
+    Refuses a --host other than loopback without an admin token (--admin-token-file or FCT_REGISTRY_ADMIN_TOKEN).
+
     POST /reload after a promote and upgrade swaps in the new champion and its gallery.
+
+    With a token set, POST /reload needs the header 'Authorization: Bearer <token>'.
     """
     project: Project = ctx.obj
+    token = usecase.admin_token(admin_token_file)
+    usecase.require_token_off_loopback(host, token)  # before the registry is opened or anything is loaded
     serve(project.registry(), project.sets_root, host, port, project.settings().registry.champion_alias,
-          max_upload_bytes, max_k)
+          max_upload_bytes, max_k, admin_token=token)

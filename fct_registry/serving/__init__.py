@@ -1,10 +1,14 @@
 """HTTP retrieval service over an FCT-compatible gallery.
 
 - ``state``: the served pair (aliased backbone + gallery index) and its atomic hot swap.
-- ``images``: decoding uploaded PNG/JPEG queries like the gallery's images.
+- ``query_model``: the model version an embedding query states, checked against the served backbone.
+- ``admin``: the bearer token of the admin endpoints (``POST /reload``).
 - ``schemas``: pydantic request and response bodies.
+- ``openapi``: the OpenAPI schema, with ``/search``'s two bodies and the served pair's bounds.
 - ``app``: the FastAPI app factory :func:`~fct_registry.serving.app.create_app`.
-- ``server``: :func:`~fct_registry.serving.server.serve` (uvicorn) and the ``fct-registry serve`` command.
+- ``server``: :func:`~fct_registry.serving.server.serve` (uvicorn), which the ``fct-registry serve`` command runs.
+
+Uploaded images are decoded by :func:`fct_registry.onnx_boundary.images.decode_image`, like the gallery's.
 
 Nothing heavy is imported here, so the CLI can import the command without loading the web stack.
 """

@@ -4,48 +4,101 @@ Endpoints:
 
 - ``GET /health`` -> ``{"status": "ok"}``.
 - ``GET /info`` -> the served pair (:class:`~fct_registry.serving.schemas.InfoResponse`).
-- ``POST /search`` -> top-k ids and scores (:class:`~fct_registry.serving.schemas.SearchResponse`). The body is
-  either ``multipart/form-data`` with a PNG/JPEG file field ``image`` (and optionally a field ``k``), embedded with
-  the served backbone, or ``application/json`` ``{"embedding": [d floats], "k": 10}``, a vector already embedded
-  by the served backbone. ``k`` may also be a query parameter; a ``k`` in the body wins; the default is 10.
-- ``POST /reload`` -> re-resolves the alias and swaps in the new pair atomically (see
-  :class:`~fct_registry.serving.state.ServingState`); 409 and the old pair keeps serving when it cannot.
+- ``POST /search`` -> top-k ids and scores (:class:`~fct_registry.serving.schemas.SearchResponse`); see
+  :func:`create_app` for the two bodies and what is checked.
+- ``POST /reload`` (admin) -> re-resolves the alias and swaps in the new pair atomically (see
+  :class:`~fct_registry.serving.state.ServingState`); 409 and the old pair keeps serving when it cannot. With an
+  admin token it needs ``Authorization: Bearer <token>`` (401 otherwise; :mod:`fct_registry.serving.admin`).
+- ``GET /openapi.json``, ``/docs``: the OpenAPI schema of the pair served now (:mod:`fct_registry.serving.openapi`).
 
-Every bad request is answered 4xx with ``{"detail": "<one-line reason>"}`` (413 body too large, 415 neither JSON
-nor multipart, 422 anything else) and the service keeps serving. Blocking work (ONNX Runtime, faiss, MLflow)
-runs in the thread pool, so the event loop keeps answering while a search or a reload runs.
+Every bad request is answered 4xx with ``{"detail": "<one-line reason>"}`` (400 malformed multipart, 401 admin
+token, 409 another model version, 413 body too large, 415 neither JSON nor multipart, 422 anything else) and the
+service keeps serving. Blocking work (ONNX Runtime, faiss, MLflow) runs in the thread pool, so the event loop keeps
+answering while a search or a reload runs.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import FastAPI, HTTPException, Query, Request
+import numpy as np
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Message, Receive
 
-from fct_registry.core.errors import DataError, FctError, RuntimeInputError, SearchError, VersionMismatchError
+from fct_registry.core.errors import (
+    DataError,
+    FctError,
+    RegistryError,
+    RuntimeInputError,
+    SearchError,
+    VersionMismatchError,
+)
 from fct_registry.onnx_boundary.embedding import embed_images
 from fct_registry.onnx_boundary.images import decode_image
 from fct_registry.registry.model_registry import ModelRegistry
 from fct_registry.serving import DEFAULT_MAX_K, DEFAULT_MAX_UPLOAD_BYTES
-from fct_registry.serving.schemas import EmbeddingQuery, FormK, HealthResponse, InfoResponse, SearchResponse
+from fct_registry.serving.admin import admin_guard
+from fct_registry.serving.openapi import error_responses, openapi_schema
+from fct_registry.serving.query_model import UnknownQueryModel, check_query_model
+from fct_registry.serving.schemas import (
+    EmbeddingQuery,
+    FormK,
+    HealthResponse,
+    InfoResponse,
+    QueryModelCheck,
+    SearchResponse,
+)
 from fct_registry.serving.state import ServedPair, ServingState
 from fct_registry.vectors.search import search_set
 
 DEFAULT_K = 10
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+L2_LIMIT = FLOAT32_MAX**0.5 / 2
+"""Largest L2 distance answered: beyond, float32 squared distances are about to overflow, and faiss then leaves
+result slots unfilled (score -sqrt(FLT_MAX), position -1) instead of raising."""
+FORM_FIELDS = ("image", "k")
 _QUERY_ERRORS = (DataError, RuntimeInputError, SearchError, VersionMismatchError)
+
+
+@dataclass(frozen=True)
+class _Query:
+    """One parsed ``/search`` request: an image or an embedding (with its stated model, if any), and k."""
+
+    k: int
+    image: bytes | None = None
+    embedding: list[float] | None = None
+    model: str | None = None
 
 
 def create_app(registry: ModelRegistry, sets_root: str | os.PathLike, alias: str = "champion",
                max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, max_k: int = DEFAULT_MAX_K,
-               providers: list[str] | None = None) -> FastAPI:
+               providers: list[str] | None = None, admin_token: str | None = None) -> FastAPI:
     """Build the service over the pair ``alias`` selects; the pair is loaded now, before any request.
+
+    ``POST /search`` takes one of two bodies:
+
+    - ``multipart/form-data`` with a PNG/JPEG file field ``image`` (and optionally a field ``k``; no other field):
+      the image is embedded here by the served backbone, so its model is right by construction
+      (``"query_model": "embedded"`` in the answer).
+    - ``application/json`` ``{"embedding": [d floats], "k": 10, "model": "fct-backbone/3"}``: a vector embedded
+      by the client. ``model`` (optional) names the version that embedded it (the forms of
+      :mod:`fct_registry.serving.query_model`: ``fct-backbone/<version>``, ``<version>``, ``<label>@<sha256
+      prefix>``, ``<label>``, ``@<alias>``). The served version is answered with ``"query_model": "matched"``;
+      another registered version is refused with 409 and a detail naming both versions; a name of no registered
+      backbone with 422. When ``model`` is omitted the query is accepted as before (backward compatible) but only
+      its length (= the backbone's dim), its finiteness and its float32 range are checked, and the answer says
+      ``"query_model": "unchecked"``: a vector of another version with the same dim gets meaningless neighbours.
+
+    ``k`` may also be a query parameter; a ``k`` in the body wins; the default is 10; at most
+    ``min(max_k, gallery size)``.
 
     Args:
         registry: The model registry holding the backbones.
@@ -54,6 +107,8 @@ def create_app(registry: ModelRegistry, sets_root: str | os.PathLike, alias: str
         max_upload_bytes: Largest accepted ``/search`` request body (image upload or JSON), bytes.
         max_k: Largest ``k`` accepted (also bounded by the gallery size).
         providers: ONNX Runtime providers; None: CUDA first when available, else CPU.
+        admin_token: The token ``POST /reload`` requires as ``Authorization: Bearer <token>``; None leaves it open
+            (only safe on loopback: :func:`~fct_registry.serving.server.serve` refuses other hosts then).
 
     Returns:
         The FastAPI app; its serving state is ``app.state.serving``.
@@ -66,6 +121,9 @@ def create_app(registry: ModelRegistry, sets_root: str | os.PathLike, alias: str
     app = FastAPI(title="fct-registry search", summary="Retrieval over an FCT-compatible gallery")
     app.state.serving = state
     app.add_exception_handler(RequestValidationError, _one_line_validation_error)
+    app.add_exception_handler(StarletteHTTPException, _one_line_http_error)
+    app.openapi = lambda: openapi_schema(app, state.pair, max_k)  # type: ignore[method-assign]
+    require_admin = admin_guard(admin_token)
 
     @app.get("/health")
     def health() -> HealthResponse:
@@ -75,25 +133,21 @@ def create_app(registry: ModelRegistry, sets_root: str | os.PathLike, alias: str
     def info() -> InfoResponse:
         return InfoResponse.of(state.pair)
 
-    @app.post("/search")
+    @app.post("/search", responses=error_responses(400, 409, 413, 415, 422, 503))
     async def search(request: Request, k: Annotated[int | None, Query()] = None) -> SearchResponse:
+        """Top-k gallery items for an uploaded image or a JSON embedding (see the request body's two forms).
+
+        An embedding may state its ``model``: another version than the served one is refused with 409; without
+        ``model`` only its dimension is checked and the answer says ``"query_model": "unchecked"``.
+        """
         pair = state.pair  # this request's pair, even if a reload swaps another in meanwhile
         body = Request(request.scope, _limited(request.receive, max_upload_bytes))
-        media = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if media == "application/json":
-            query = _validated(EmbeddingQuery, await body.body())
-            embedding, image, body_k = query.embedding, None, query.k
-        elif media == "multipart/form-data":
-            image, body_k = await _read_image_form(body)
-            embedding = None
-        else:
-            raise HTTPException(415, f"content type {media or 'none'!r} is neither application/json (an embedding) "
-                                     "nor multipart/form-data (an image upload)")
-        k = _checked_k(next((x for x in (body_k, k) if x is not None), DEFAULT_K), max_k)
-        return await run_in_threadpool(_run_query, pair, embedding, image, k)
+        query = await _read_query(body, k, max_k, len(pair.index))
+        return await run_in_threadpool(_run_query, pair, state.registry, query)
 
-    @app.post("/reload")
+    @app.post("/reload", responses=error_responses(401, 409), dependencies=[Depends(require_admin)])
     def reload() -> InfoResponse:
+        """Re-resolve the alias and serve its backbone and gallery (admin: needs the admin token when set)."""
         old = state.pair
         try:
             return InfoResponse.of(state.reload())
@@ -103,31 +157,98 @@ def create_app(registry: ModelRegistry, sets_root: str | os.PathLike, alias: str
     return app
 
 
-def _run_query(pair: ServedPair, embedding: list[float] | None, image: bytes | None, k: int) -> SearchResponse:
-    """Embed the image (if any) with the pair's backbone, then search its gallery; bad input -> 422."""
+async def _read_query(body: Request, k: int | None, max_k: int, n_gallery: int) -> _Query:
+    """Parse a ``/search`` body by its content type (415 for any other); ``k`` is the query parameter."""
+    media = body.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media == "application/json":
+        parsed = _validated(EmbeddingQuery, await body.body())
+        return _Query(_checked_k(parsed.k, k, max_k, n_gallery), embedding=parsed.embedding, model=parsed.model)
+    if media == "multipart/form-data":
+        image, form_k = await _read_image_form(body)
+        return _Query(_checked_k(form_k, k, max_k, n_gallery), image=image)
+    raise HTTPException(415, f"content type {media or 'none'!r} is neither application/json (an embedding) "
+                             "nor multipart/form-data (an image upload)")
+
+
+def _run_query(pair: ServedPair, registry: ModelRegistry, query: _Query) -> SearchResponse:
+    """Check the query's model, embed the image (if any) with the pair's backbone, then search its gallery."""
+    checked: QueryModelCheck = "embedded" if query.image is not None else "unchecked"
+    if query.model is not None:
+        _check_model(query.model, pair, registry)
+        checked = "matched"
     try:
-        queries = [embedding] if image is None else embed_images(pair.backbone, decode_image(image, pair.contract),
-                                                                     pair.contract)
-        result = search_set(pair.index, queries, pair.version.ref, k)
+        if query.image is None:
+            queries = _embedding_matrix(query.embedding, pair)
+        else:
+            queries = embed_images(pair.backbone, decode_image(query.image, pair.contract), pair.contract)
+        result = search_set(pair.index, queries, pair.version.ref, query.k)
     except _QUERY_ERRORS as exc:
         raise HTTPException(422, str(exc)) from None
+    _require_usable_scores(result.scores, pair.index.metric)
     return SearchResponse(ids=result.ids[0].tolist(), scores=result.scores[0].tolist(), metric=pair.index.metric,
-                          model=str(pair.version.ref))
+                          model=str(pair.version.ref), query_model=checked)
+
+
+def _check_model(model: str, pair: ServedPair, registry: ModelRegistry) -> None:
+    """:func:`check_query_model` with its errors as HTTP answers: 409 mismatch, 422 unknown, 503 no registry."""
+    try:
+        check_query_model(model, pair.version, registry)
+    except VersionMismatchError as exc:
+        raise HTTPException(409, str(exc)) from None
+    except UnknownQueryModel as exc:
+        raise HTTPException(422, str(exc)) from None
+    except RegistryError as exc:
+        raise HTTPException(503, f"cannot check the query's model {model!r}: {exc}") from None
+
+
+def _embedding_matrix(embedding: list[float] | None, pair: ServedPair) -> np.ndarray:
+    """The embedding as a (1, d) float32 query; its length must be the backbone's dim and it must fit float32."""
+    dim = pair.backbone.output_dim
+    if embedding is None or len(embedding) != dim:
+        raise HTTPException(422, f"embedding has {len(embedding or [])} values; expected {dim}, the embedding dim "
+                                 f"of the served {pair.version}")
+    with np.errstate(over="ignore"):
+        vector = np.asarray(embedding, dtype=np.float32)[None]
+    if not np.isfinite(vector).all():
+        index = int(np.flatnonzero(~np.isfinite(vector[0]))[0])
+        raise HTTPException(422, f"embedding.{index}: {embedding[index]!r} overflows float32; expected a finite "
+                                 "float32 value")
+    squared_norm = float(np.dot(vector[0].astype(np.float64), vector[0].astype(np.float64)))
+    if squared_norm > FLOAT32_MAX or (pair.index.metric == "cosine" and np.float32(squared_norm) == 0
+                                      and vector.any()):
+        raise HTTPException(422, f"embedding's squared norm {squared_norm:.3g} is out of float32's range; expected "
+                                 f"an embedding of the served backbone's scale")
+    return vector
+
+
+def _require_usable_scores(scores: np.ndarray, metric: str) -> None:
+    """422 unless every score is finite and (l2) every distance is below :data:`L2_LIMIT`."""
+    if not np.isfinite(scores).all() or (metric == "l2" and (scores <= -L2_LIMIT).any()):
+        raise HTTPException(422, f"the query's {metric} scores are out of float32's range (distance beyond "
+                                 f"{L2_LIMIT:.3g}, NaN or inf); expected an embedding of the served backbone's scale")
 
 
 async def _read_image_form(body: Request) -> tuple[bytes, int | None]:
-    """The ``image`` file's bytes and the optional ``k`` field of a multipart body."""
+    """The ``image`` file's bytes and the optional ``k`` field of a multipart body (no other field)."""
     async with body.form(max_files=1, max_fields=1) as form:
+        unknown = [name for name in form if name not in FORM_FIELDS]
+        if unknown:
+            raise HTTPException(422, f"multipart field {unknown[0]!r} is not accepted; expected 'image' (a PNG or "
+                                     "JPEG file) and optionally 'k'")
         upload = form.get("image")
         if not isinstance(upload, UploadFile):
             raise HTTPException(422, "multipart field 'image' must be a PNG or JPEG file upload")
         return await upload.read(), _validated(FormK, {"k": form.get("k")}).k
 
 
-def _checked_k(k: int, max_k: int) -> int:
-    if not 1 <= k <= max_k:
-        raise HTTPException(422, f"k must be in [1, {max_k}] (max_k), got {k}")
-    return k
+def _checked_k(body_k: int | None, param_k: int | None, max_k: int, n_gallery: int) -> int:
+    """The body's ``k``, else the query parameter's, else :data:`DEFAULT_K`; 422 when either given ``k`` (also one
+    the other overrides) is outside ``[1, min(max_k, n_gallery)]``."""
+    top = min(max_k, n_gallery)
+    for k in (body_k, param_k):
+        if k is not None and not 1 <= k <= top:
+            raise HTTPException(422, f"k must be in [1, {top}] (max_k {max_k}, gallery size {n_gallery}), got {k}")
+    return next((k for k in (body_k, param_k) if k is not None), DEFAULT_K)
 
 
 def _validated(model: type[BaseModel], data: bytes | dict[str, Any]) -> Any:
@@ -142,11 +263,23 @@ def _first_error(errors: Any) -> str:
     """One line from a pydantic/FastAPI error list, e.g. ``"embedding.3: Input should be a finite number"``."""
     first = errors[0]
     where = ".".join(str(part) for part in first["loc"])
-    return f"{where}: {first['msg']}" if where else first["msg"]
+    return f"{where}: {first['msg']}" if where else str(first["msg"])
+
+
+def one_line(text: str) -> str:
+    """``text`` with every run of whitespace (newlines included) as one space: an answer's ``detail`` line."""
+    return " ".join(text.split())
 
 
 async def _one_line_validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-    return JSONResponse(status_code=422, content={"detail": _first_error(exc.errors())})
+    return JSONResponse(status_code=422, content={"detail": one_line(_first_error(exc.errors()))})
+
+
+async def _one_line_http_error(_: Request, exc: StarletteHTTPException) -> Response:
+    """Every HTTP error (ours, Starlette's 400/404/405) as ``{"detail": "<one line>"}`` with its headers."""
+    if exc.status_code in (204, 304):
+        return Response(status_code=exc.status_code, headers=exc.headers)
+    return JSONResponse({"detail": one_line(str(exc.detail))}, status_code=exc.status_code, headers=exc.headers)
 
 
 def _limited(receive: Receive, limit: int) -> Receive:

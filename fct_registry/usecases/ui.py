@@ -1,12 +1,18 @@
-"""Use case of ``fct-registry ui``: the MLflow UI over the registry's store, started and stopped cleanly."""
+"""Use cases of ``fct-registry ui`` and ``serve``: the MLflow UI over the registry's store, started and stopped
+cleanly; the search service's admin token and the refusal to serve a non-loopback address without one."""
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import signal
+import string
 import subprocess
 import sys
+from collections.abc import Mapping
+from pathlib import Path
 
+from fct_registry.core.errors import ConfigError
 from fct_registry.registry.model_registry import ModelRegistry
 
 
@@ -57,3 +63,72 @@ def run_mlflow_ui(registry: ModelRegistry, host: str = "127.0.0.1", port: int = 
 
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
+
+
+ADMIN_TOKEN_ENV = "FCT_REGISTRY_ADMIN_TOKEN"
+"""Environment variable holding the token of the search service's admin endpoints (``POST /reload``)."""
+MIN_ADMIN_TOKEN_LENGTH = 16
+"""Shortest admin token accepted (a guessable token is no protection)."""
+_TOKEN_CHARS = frozenset(string.ascii_letters + string.digits + string.punctuation)
+
+
+def admin_token(token_file: Path | None = None, environ: Mapping[str, str] | None = None) -> str | None:
+    """The admin token of ``fct-registry serve``: the contents of ``token_file`` if given, else the variable
+    :data:`ADMIN_TOKEN_ENV`.
+
+    Surrounding whitespace (a trailing newline) is stripped. The token is never echoed in an error.
+
+    Args:
+        token_file: A file whose whole contents are the token (``--admin-token-file``); wins over the variable.
+        environ: The environment to read :data:`ADMIN_TOKEN_ENV` from; default ``os.environ``.
+
+    Returns:
+        The token, or None when neither the file nor the variable is given (an empty variable counts as unset).
+
+    Raises:
+        ConfigError: The file cannot be read, is empty, or the token holds characters other than printable ASCII
+            without spaces (it must fit an ``Authorization: Bearer`` header), or is shorter than 16 characters.
+    """
+    if token_file is not None:
+        try:
+            token, source = Path(token_file).read_text(encoding="utf-8").strip(), f"admin token file {token_file}"
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read admin token file {token_file}: {exc}") from None
+        if not token:
+            raise ConfigError(f"admin token file {token_file} is empty; expected one line holding the token")
+    else:
+        token, source = (os.environ if environ is None else environ).get(ADMIN_TOKEN_ENV, "").strip(), ADMIN_TOKEN_ENV
+        if not token:
+            return None
+    bad = [position for position, char in enumerate(token) if char not in _TOKEN_CHARS]
+    if bad:
+        raise ConfigError(f"the token in {source} holds a space or a character other than printable ASCII (at "
+                          f"position {bad[0]}); expected one word usable in 'Authorization: Bearer <token>'")
+    if len(token) < MIN_ADMIN_TOKEN_LENGTH:
+        raise ConfigError(f"the token in {source} has {len(token)} characters; expected at least "
+                          f"{MIN_ADMIN_TOKEN_LENGTH} (e.g. python -c 'import secrets; print(secrets.token_urlsafe())')")
+    return token
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding ``host`` listens on the loopback interface only: ``localhost`` or a loopback IP literal.
+
+    Any other name (which might resolve to a public address) and the wildcard addresses ``0.0.0.0``/``::`` are not.
+    """
+    if host.strip().lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def require_token_off_loopback(host: str, token: str | None) -> None:
+    """Refuse to serve on a non-loopback ``host`` when no admin token protects the admin endpoints.
+
+    Raises:
+        ConfigError: ``host`` is not loopback (see :func:`is_loopback`) and ``token`` is None.
+    """
+    if token is None and not is_loopback(host):
+        raise ConfigError(f"refusing to serve on non-loopback host {host!r} without an admin token; set "
+                          f"{ADMIN_TOKEN_ENV} or pass --admin-token-file, or bind 127.0.0.1")

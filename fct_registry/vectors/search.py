@@ -103,7 +103,8 @@ class GalleryIndex:
 
         Raises:
             SearchError: bad k (not an integer, a bool, or out of range), query dim != index dim, no queries,
-                non-finite or (cosine) zero queries (naming the row and its query id), query_ids given without
+                non-finite or (cosine) zero queries, or values so large that float32 distances overflow (naming the
+                row and its query id), query_ids given without
                 ``exclude_self`` or missing / of the wrong shape / duplicated with it.
         """
         k = self._checked_k(k, exclude_self)
@@ -111,6 +112,11 @@ class GalleryIndex:
         own_ids = _query_ids(query_ids, len(vectors), exclude_self)
         vectors = self._queries(vectors, row_ids=own_ids)
         raw, positions = self._index.search(vectors, k + int(exclude_self))
+        unfilled = np.flatnonzero((positions < 0).any(axis=1))
+        if unfilled.size:  # faiss leaves slots at -1 when float32 distances overflow (values around 1e19)
+            raise SearchError(f"{_row('queries', int(unfilled[0]), 0, own_ids)} is too large to score in float32 "
+                              f"(max |value| {float(np.abs(vectors[unfilled[0]]).max()):.3g}); expected an embedding "
+                              "of ordinary magnitude")
         scores, positions = _order_ties(self._to_scores(raw), positions)
         ids = self.ids[positions]
         if exclude_self:

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import io
-import socket
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
@@ -15,66 +13,24 @@ import factories
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 from PIL import Image
+from serving_checks import direct, one_line_detail, png, running, upgraded_to_v3, v3_sets_root
 from typer.testing import CliRunner
 
 from fct_registry.cli import app as cli
 from fct_registry.core.errors import VersionMismatchError
-from fct_registry.engines.run import upgrade_set
 from fct_registry.onnx_boundary.contract import InputContract
 from fct_registry.onnx_boundary.embedding import embed_images
 from fct_registry.onnx_boundary.images import read_image
 from fct_registry.onnx_boundary.runtime import OnnxModel
 from fct_registry.serving.app import create_app
 from fct_registry.serving.server import serve
-from fct_registry.usecases import promote, upgrade
+from fct_registry.usecases import promote
 from fct_registry.vectors.embedding_set import EmbeddingSet
-from fct_registry.vectors.search import SearchResult, index_for_set
+from fct_registry.vectors.search import index_for_set
 
 MAX_UPLOAD = 64 * 1024
-MAX_K = 100  # above the 50-item gallery, so both bounds on k are reachable
-
-
-@contextmanager
-def running(app) -> Iterator[str]:
-    """Run ``app`` with uvicorn in a background thread on a free 127.0.0.1 port; yields its base URL."""
-    # proto IPPROTO_TCP as uvicorn's own sockets: asyncio then sets TCP_NODELAY (else ~40 ms per request)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
-
-
-def png(pixels: np.ndarray) -> bytes:
-    """(H, W) uint8 -> PNG bytes (lossless)."""
-    out = io.BytesIO()
-    Image.fromarray(pixels).save(out, "PNG")
-    return out.getvalue()
-
-
-def direct(model_dir: Path, set_path: Path, pixels: np.ndarray, k: int) -> SearchResult:
-    """Embed (1, 1, H, W) uint8 with the backbone's ONNX file and search the set without the service."""
-    queries = embed_images(OnnxModel(model_dir / "model.onnx"), pixels)
-    return index_for_set(EmbeddingSet.open(set_path)).search(queries, k)
-
-
-def upgraded_to_v3(world: factories.World, sets_root: Path) -> Path:
-    """Upgrade the v1 gallery under ``sets_root`` to v3 through the registered chain (v1 -> v2 -> v3)."""
-    source = EmbeddingSet.open(sets_root / "gallery_v1")
-    steps = upgrade.plan_upgrade(world.registry, source, world.versions["v3"])
-    return upgrade_set(source.path, steps, sets_root / "gallery_v1@v3").path
+MAX_K = 100  # above the 50-item gallery: k is bounded by the gallery size
 
 
 @pytest.fixture(scope="module")
@@ -85,9 +41,7 @@ def world(tmp_path_factory) -> factories.World:
 @pytest.fixture(scope="module")
 def v3_sets(world, tmp_path_factory) -> Path:
     """A sets root holding the v1 gallery and its upgrade to v3 (the champion)."""
-    sets_root = factories.copy_sets(world, tmp_path_factory.mktemp("served") / "embeddings")
-    upgraded_to_v3(world, sets_root)
-    return sets_root
+    return v3_sets_root(world, tmp_path_factory.mktemp("served"))
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +57,8 @@ def test_health_and_info_name_the_served_pair(client, world, v3_sets):
     v3 = world.versions["v3"]
     assert info["backbone"] | {"providers": None} == {
         "alias": "champion", "name": "fct-backbone", "version": v3.version, "label": "v3", "sha256": v3.ref.sha256,
-        "input_shape": [1, 28, 28], "embedding_dim": factories.DIMS["v3"], "providers": None}
+        "input_shape": [1, 28, 28], "embedding_dim": factories.DIMS["v3"], "providers": None,
+        "model_names": [f"fct-backbone/{v3.version}", str(v3.version), str(v3.ref)]}
     assert "CPUExecutionProvider" in info["backbone"]["providers"]
     gallery = info["gallery"]
     assert (gallery["path"], gallery["model"], gallery["count"], gallery["dim"], gallery["metric"]) == (
@@ -122,7 +77,7 @@ def test_search_by_embedding_equals_direct_search(client, v3_sets):
         expected = index.search(query[None], k)
         assert body["ids"] == expected.ids[0].tolist()
         np.testing.assert_array_equal(np.float32(body["scores"]), expected.scores[0])
-        assert (body["metric"], body["model"]) == ("l2", str(index.model))
+        assert (body["metric"], body["model"], body["query_model"]) == ("l2", str(index.model), "unchecked")
     by_param = client.post("/search", json={"embedding": queries[0].tolist()}, params={"k": 4}).json()["ids"]
     assert by_param == index.search(queries[0][None], 4).ids[0].tolist() and by_param[0] == stored.ids[3]
 
@@ -132,7 +87,7 @@ def test_search_by_png_upload_equals_embedding_the_image_directly(client, world,
     expected = direct(world.zoo.dirs["v3"], v3_sets / "gallery_v1@v3", pixels, 5)
     response = client.post("/search", files={"image": ("q.png", png(pixels[0, 0]), "image/png")}, data={"k": "5"})
     assert response.status_code == 200, response.text
-    assert response.json()["ids"] == expected.ids[0].tolist()
+    assert response.json()["ids"] == expected.ids[0].tolist() and response.json()["query_model"] == "embedded"
     np.testing.assert_allclose(response.json()["scores"], expected.scores[0], rtol=1e-5, atol=1e-5)
 
 
@@ -149,6 +104,32 @@ def test_jpeg_of_another_size_is_decoded_like_the_cli(client, world, v3_sets, tm
     assert response.json()["ids"] == expected.ids[0].tolist()
 
 
+def test_embedding_stating_the_served_model_in_any_form_is_matched(client, world, v3_sets):
+    v3 = world.versions["v3"]
+    stored = EmbeddingSet.open(v3_sets / "gallery_v1@v3").read()
+    expected = index_for_set(EmbeddingSet.open(v3_sets / "gallery_v1@v3")).search(stored.embeddings[5][None], 3)
+    forms = [f"fct-backbone/{v3.version}", str(v3.version), str(v3.ref), f"v3@{v3.ref.sha256}", "v3", "@champion"]
+    for form in forms:
+        response = client.post("/search", json={"embedding": stored.embeddings[5].tolist(), "k": 3, "model": form})
+        assert response.status_code == 200, (form, response.text)
+        assert response.json()["query_model"] == "matched" and response.json()["ids"] == expected.ids[0].tolist()
+
+
+def test_embedding_of_another_version_is_refused_with_409_naming_both(client, world):
+    """The issue's case: a vector of another version, even one of the served dim, gets 409, not neighbours."""
+    v1, v2, v3 = (world.versions[key] for key in ("v1", "v2", "v3"))
+    pixels = world.zoo.splits["test"].images[:1]
+    v2_embedding = embed_images(OnnxModel(world.zoo.dirs["v2"] / "model.onnx"), pixels)[0].tolist()  # 16-d
+    cases = [(v2_embedding, "v2", v2), (v2_embedding, f"fct-backbone/{v2.version}", v2),
+             (EMBEDDING, str(v1.ref), v1), (EMBEDDING, str(v1.version), v1)]  # EMBEDDING has v3's dim
+    for embedding, model, claimed in cases:
+        response = client.post("/search", json={"embedding": embedding, "model": model})
+        assert response.status_code == 409, (model, response.text)
+        assert one_line_detail(response) == (
+            f"query embedding is from {claimed} ({model!r}) but this service serves {v3}; embed the query with "
+            f"fct-backbone/{v3.version} or upload the image")
+
+
 EMBEDDING = [0.5] * factories.DIMS["v3"]
 NOISE = np.random.default_rng(0).integers(0, 256, size=(28, 28), dtype=np.uint8)
 BAD_REQUESTS = {
@@ -158,15 +139,35 @@ BAD_REQUESTS = {
     "too many pixels": ({"files": {"image": ("q.png", png(np.zeros((4096, 4097), np.uint8)), "image/png")}}, 422,
                         "image is 4097x4096 pixels; at most 16777216"),
     "too large": ({"files": {"image": ("q.png", b"\0" * (MAX_UPLOAD + 1), "image/png")}}, 413, "exceeds 65536 bytes"),
-    "no image field": ({"files": {"picture": ("q.png", b"x", "image/png")}}, 422, "field 'image'"),
-    "wrong dim": ({"json": {"embedding": EMBEDDING[:-1]}}, 422, "dim 11 but the gallery index has dim 12"),
+    "other file field": ({"files": {"picture": ("q.png", b"x", "image/png")}}, 422, "field 'picture' is not accepted"),
+    "no image": ({"files": {"k": (None, "3")}}, 422, "field 'image' must be a PNG or JPEG file upload"),
+    "wrong dim": ({"json": {"embedding": EMBEDDING[:-1]}}, 422,
+                  "embedding has 11 values; expected 12, the embedding dim of the served fct-backbone/"),
+    "too large for float32": ({"json": {"embedding": [1e39] + EMBEDDING[1:]}}, 422, "embedding.0: 1e+39 overflows"),
+    "norm overflows": ({"json": {"embedding": [3e38] * 12}}, 422, "squared norm 1.08e+78 is out of float32's range"),
+    "distances overflow": ({"json": {"embedding": [1.8e19] + [0.0] * 11}}, 422, "l2 scores are out of float32's"),
+    "unknown model": ({"json": {"embedding": EMBEDDING, "model": "v9"}}, 422,
+                      "query model 'v9' is not a registered fct-backbone version (known: 1 (v1@"),
+    "side-info model": ({"json": {"embedding": EMBEDDING, "model": "fct-side-info/1"}}, 422,
+                        "'fct-side-info/1' is not a fct-backbone version"),
+    "unknown alias": ({"json": {"embedding": EMBEDDING, "model": "@nobody"}}, 422, "query model '@nobody': alias"),
+    "empty model": ({"json": {"embedding": EMBEDDING, "model": ""}}, 422, "model: String should have at least 1"),
+    "multi-line field name": ({"json": {"embedding": EMBEDDING, "a\nb": 1}}, 422, "a b: Extra inputs"),
+    "model in a form": ({"files": {"image": ("q.png", png(NOISE), "image/png")}, "data": {"model": "v3"}}, 422,
+                        "multipart field 'model' is not accepted"),
+    "two form fields": ({"files": {"image": ("q.png", png(NOISE), "image/png")}, "data": {"k": "2", "x": "1"}}, 400,
+                        "Too many fields"),
     "nan": ({"content": b'{"embedding": [NaN' + b", 0.5" * 11 + b"]}", "headers": {"content-type": "application/json"}},
             422, "embedding.0: Input should be a finite number"),
+    "boolean values": ({"json": {"embedding": [True] * 12}}, 422, "embedding.0: Input should be a valid number"),
+    "k as a string": ({"json": {"embedding": EMBEDDING, "k": "5"}}, 422, "k: Input should be a valid integer"),
     "empty embedding": ({"json": {"embedding": []}}, 422, "embedding: List should have at least 1 item"),
-    "k zero": ({"json": {"embedding": EMBEDDING, "k": 0}}, 422, "k must be in [1, 100] (max_k), got 0"),
+    "k zero": ({"json": {"embedding": EMBEDDING, "k": 0}}, 422,
+               "k must be in [1, 50] (max_k 100, gallery size 50), got 0"),
     "k negative param": ({"json": {"embedding": EMBEDDING}, "params": {"k": -3}}, 422, "got -3"),
     "k above max_k": ({"json": {"embedding": EMBEDDING, "k": MAX_K + 1}}, 422, "got 101"),
-    "k above gallery": ({"json": {"embedding": EMBEDDING, "k": 51}}, 422, "n_gallery=50"),
+    "k above gallery": ({"json": {"embedding": EMBEDDING, "k": 51}}, 422, "gallery size 50), got 51"),
+    "overridden k param": ({"json": {"embedding": EMBEDDING, "k": 5}, "params": {"k": 0}}, 422, "got 0"),
     "k not int": ({"json": {"embedding": EMBEDDING}, "params": {"k": "ten"}}, 422, "query.k: Input should be"),
     "form k not int": ({"files": {"image": ("q.png", png(np.zeros((28, 28), np.uint8)), "image/png")},
                         "data": {"k": "1.5"}}, 422, "k: Input should be"),
@@ -181,8 +182,7 @@ def test_bad_request_gets_a_one_line_4xx_and_the_service_keeps_serving(client, c
     request, status, reason = BAD_REQUESTS[case]
     response = client.post("/search", **request)
     assert response.status_code == status, response.text
-    detail = response.json()["detail"]
-    assert isinstance(detail, str) and "\n" not in detail and reason in detail
+    assert reason in one_line_detail(response)
     assert client.get("/health").status_code == 200
     assert client.post("/search", json={"embedding": EMBEDDING, "k": 2}).status_code == 200
 
@@ -206,6 +206,14 @@ class Answer(NamedTuple):
     as_expected: bool
     sent: float
     answered: float
+
+
+def embedding_length(http: httpx.Client) -> int:
+    """The length ``/openapi.json`` requires of ``/search``'s JSON embedding (its minItems, = its maxItems)."""
+    body = http.get("/openapi.json").json()["paths"]["/search"]["post"]["requestBody"]["content"]
+    items = body["application/json"]["schema"]["properties"]["embedding"]
+    assert items["minItems"] == items["maxItems"]
+    return items["minItems"]
 
 
 def test_hot_swap_after_promote_loses_no_request_and_serves_the_new_pair(tmp_path_factory):
@@ -250,6 +258,7 @@ def test_hot_swap_after_promote_loses_no_request_and_serves_the_new_pair(tmp_pat
 
     with running(create_app(registry, sets_root)) as url, httpx.Client(base_url=url, timeout=30) as http:
         assert http.get("/info").json()["backbone"]["label"] == "v1"
+        assert embedding_length(http) == factories.DIMS["v1"]
         clients = [threading.Thread(target=query_loop, args=(url, n)) for n in range(3)]
         for thread in clients:
             thread.start()
@@ -272,6 +281,9 @@ def test_hot_swap_after_promote_loses_no_request_and_serves_the_new_pair(tmp_pat
         assert all(a.as_expected for a in answers), "a response mixed one pair's model with another's gallery"
         info = http.get("/info").json()
         assert (info["backbone"]["label"], info["gallery"]["model"]) == ("v3", v3)
+        assert embedding_length(http) == factories.DIMS["v3"]  # the OpenAPI schema follows the served pair
+        stale = http.post("/search", json={"embedding": [0.5] * factories.DIMS["v3"], "model": v1})
+        assert stale.status_code == 409 and f"but this service serves {world.versions['v3']}" in stale.json()["detail"]
 
         registry.set_alias("backbone", "champion", "v2")  # no v2 gallery: the reload is refused
         refused = http.post("/reload")

@@ -246,3 +246,12 @@ def test_l2_distances_are_never_negative():
     index = GalleryIndex(x, "l2")
     for scores in (index.search(x, k=2).scores, index.score_all(x[:30])):  # BLAS path (>= 20 queries) included
         assert (-scores).min() >= 0.0
+
+
+def test_a_query_whose_float32_distances_overflow_is_refused_not_answered_with_unfilled_slots():
+    gallery = np.eye(4, dtype=np.float32)
+    index = GalleryIndex(gallery, "l2", ids=np.arange(10, 14))
+    huge = np.array([[3e19, 0, 0, 0], [1, 0, 0, 0]], dtype=np.float32)
+    with pytest.raises(SearchError, match=r"^queries row 0 is too large to score in float32 \(max \|value\| 3e\+19\)"):
+        index.search(huge, 2)
+    assert index.search(huge[1:], 1).ids.tolist() == [[10]]
