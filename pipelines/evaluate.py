@@ -13,9 +13,11 @@ from fct_registry.engines.chain import apply_chain, chain_step
 from fct_registry.method.data import load_prepared
 from fct_registry.onnx_boundary.embedding import embed_images
 from fct_registry.onnx_boundary.runtime import OnnxModel
-from fct_registry.vectors.compatibility import compatibility_table, mean_std, plot_cases, summary
+from fct_registry.usecases.project import open_registry
+from fct_registry.vectors.compatibility import headline, mean_std, summary
 from fct_registry.vectors.embedding_set import EmbeddingSet
 from fct_registry.vectors.metrics import retrieval_metrics
+from fct_registry.vectors.plots import protocol_title, write_compatibility_reports
 
 report_errors_in_one_line()
 params = load_params()
@@ -54,10 +56,13 @@ result = {"protocol": params.protocol.name, "metric": params.evaluation.metric, 
           "summary": summary(cases)}
 Path("metrics").mkdir(exist_ok=True)
 Path("metrics/retrieval.json").write_text(json.dumps(result, indent=2) + "\n")
-Path("reports").mkdir(exist_ok=True)
+Path("metrics/fct.json").write_text(json.dumps(headline(cases), indent=2) + "\n")  # what `dvc metrics show` prints
+title = protocol_title(params.data.source, params.protocol.name, params.evaluation.metric, len(test.labels))
+reports = write_compatibility_reports(cases, title, "reports")  # retrieval.md, .png and retrieval_plot.json
 Path("reports/per_seed.json").write_text(json.dumps(per_seed, indent=2) + "\n")
-table = compatibility_table(cases)
-Path("reports/retrieval.md").write_text(table)
-plot_cases({k: {m: v[m] for m in ("cmc_top1", "cmc_top5", "map")} for k, v in cases.items()}, "reports/retrieval.png")
-print(table)
+open_registry(".").log_run(f"evaluate: compatibility table ({params.protocol.name})", tags={"kind": "evaluate"},
+                           params={"protocol": params.protocol.name, "metric": params.evaluation.metric,
+                                   "seeds": params.transformation.seeds, "n_items": len(test.labels)},
+                           artifacts=[*reports, "metrics/retrieval.json"], metrics=result["summary"])
+print(Path("reports/retrieval.md").read_text())
 print(json.dumps(result["summary"], indent=2))

@@ -36,8 +36,13 @@ transformations = {f"h-{v1}-{v2}": "new_vs_upgraded", f"h-{v1}-{v2}-noside": "ne
                    f"h-{v2}-{v3}": "v3_vs_upgraded_from_v2"}
 dump = params.model_dump(mode="json")
 published = {}
+descriptions = {"models/bct": f"BCT baseline (Shen et al., CVPR 2020): trained to embed into {v1}'s space, so a "
+                               f"gallery stored by {v1} is searched with its queries directly; not in the upgrade "
+                               "chain"}
 for folder, keys in sections.items():
-    version = publish_model(registry, folder, params.evaluation.metric, data_hash, commit, {k: dump[k] for k in keys})
+    extra = {"description": descriptions[folder]} if folder in descriptions else None
+    version = publish_model(registry, folder, params.evaluation.metric, data_hash, commit, {k: dump[k] for k in keys},
+                            extra_tags=extra)
     published[folder] = {"name": version.name, "version": version.version, "label": version.ref.label}
 keys = ("cmc_top1", "cmc_top5", "map")
 for label, case in transformations.items():

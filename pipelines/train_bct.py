@@ -26,9 +26,19 @@ if params.protocol.name == "class_subset":
     head, label_map = synthesise_classifier(old, train, params.protocol.old_classes, n_classes), np.arange(n_classes)
 else:
     head, label_map = old.head.requires_grad_(False), np.asarray(FASHION_MNIST_COARSE, dtype=np.int64)
+epochs = params.bct.backbone.epochs
+
+
+def log_epoch(epoch: int, values: dict) -> None:
+    left = values["seconds"] / (epoch + 1) * (epochs - epoch - 1)
+    print(f"train_bct epoch {epoch + 1}/{epochs}: loss {values['train_loss']:.4f}, accuracy "
+          f"{values['train_accuracy']:.4f}, {values['seconds']:.0f} s (~{left:.0f} s left)", flush=True)
+
+
 model, metrics = train_backbone(train, n_classes, params.bct.backbone, params.seed,
-                                influence=(head, label_map, params.bct.influence_weight))
+                                influence=(head, label_map, params.bct.influence_weight), on_epoch=log_epoch)
 write_model_dir(model.backbone, Path("models/bct"), "backbone", params.bct.backbone.version, metrics,
                 train.images.shape[1:])
 Path("metrics").mkdir(exist_ok=True)
 Path("metrics/train_bct.json").write_text(json.dumps(metrics, indent=2) + "\n")
+print(f"train_bct: {len(train)} images, {epochs} epochs in {metrics['seconds']:.0f} s -> models/bct", flush=True)

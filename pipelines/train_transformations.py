@@ -5,6 +5,7 @@ the direct h(v1, side-info) -> v3 with the first seed. Cached features come from
 ONNX Runtime and h is trained and exported by ``train_to_model_dir``: the same path as ``fct-registry fit``.
 """
 
+import time
 from pathlib import Path
 
 import torch
@@ -26,7 +27,10 @@ train = load_prepared(Path("data/prepared"), "train")
 names = ("old", "side_info", "new", "v3")
 cards = {name: read_model_card(f"models/{name}") for name in names}
 if params.transformation.training_data == "cached_features":
+    start = time.perf_counter()
     features = {name: embed_images(OnnxModel(f"models/{name}/model.onnx"), train.images) for name in names}
+    print(f"train_transformations: features of {len(train)} images under {', '.join(names)} in "
+          f"{time.perf_counter() - start:.0f} s", flush=True)
     source = lambda old, side, new: cached_features(features[old], features.get(side), features[new])  # noqa: E731
 else:
     models = {name: load_checkpoint(f"models/{name}/model.pt") for name in names}
@@ -42,9 +46,11 @@ for src, dst, with_side, job_seeds in jobs:
         links["side_info"] = cards["side_info"].ref
     for seed in job_seeds:
         def log_epoch(epoch: int, values: dict, label: str = label, seed: int = seed) -> None:
-            print(f"{label} seed {seed} epoch {epoch + 1}/{epochs}: train MSE {values['train_mse']:.4f}", flush=True)
+            print(f"{label} seed {seed} epoch {epoch + 1}/{epochs}: train MSE {values['train_mse']:.4f}, "
+                  f"{values['seconds']:.0f} s", flush=True)
 
         card, metrics = train_to_model_dir(source(src, "side_info" if with_side else None, dst), params.transformation,
                                            seed, label, links, Path(f"models/transformations/{label}/seed{seed}"),
                                            log_epoch)
-        print(f"{label} seed {seed}: train MSE {metrics['train_mse']:.4f} in {metrics['seconds']:.0f} s -> {card.ref}")
+        print(f"{label} seed {seed}: train MSE {metrics['train_mse']:.4f} in {metrics['seconds']:.0f} s -> {card.ref}",
+              flush=True)

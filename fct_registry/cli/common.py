@@ -1,16 +1,30 @@
-"""What every command of the CLI shares: the global options (:class:`Project`), one-line errors, rich tables."""
+"""What every command of the CLI shares: the global options (:class:`Project`), one-line errors, rich tables, progress
+of long steps."""
 
 from __future__ import annotations
 
 import json
 import os
 import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 from rich.text import Text
 from typer.core import TyperGroup
@@ -145,3 +159,57 @@ def named(version: RegisteredVersion | None) -> str:
     if version is None:
         return "not registered"
     return " ".join([f"{version.name}/{version.version}", *(f"@{alias}" for alias in version.aliases)])
+
+
+class RateColumn(ProgressColumn):
+    """Items per second of a task, in the unit of its ``unit`` field (default ``items``); blank until measured."""
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        unit = task.fields.get("unit", "items")
+        return Text("" if speed is None else f"{speed:,.1f} {unit}/s", style="progress.data.speed")
+
+
+def progress_bars(out: Console) -> Progress:
+    """rich bars for long steps: description, bar, done/total, rate, time remaining, elapsed, and the task's
+    ``note`` field (give ``note=""`` to ``add_task``). Draws only on a terminal; see :func:`progress` for logs."""
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
+                    TimeRemainingColumn(), TimeElapsedColumn(), TextColumn("{task.fields[note]}"), console=out)
+
+
+LOG_EVERY_S = 30.0
+"""Off a terminal, a long step prints a progress line this often (seconds)."""
+
+
+@contextmanager
+def progress(what: str, unit: str = "items", out: Console | None = None, log_every_s: float = LOG_EVERY_S
+             ) -> Iterator[Callable[[int, int | None], None]]:
+    """The ``progress(done, total)`` callback of one long step, for a use case's ``progress`` parameter.
+
+    In a terminal: a rich bar with done/total, the rate (``unit``/s), the time remaining and the time elapsed.
+    Elsewhere (a log file, CI, a pipe), where rich draws nothing: ``<what>: <done>/<total> <unit>, <rate> <unit>/s,
+    ~<n> s left`` every ``log_every_s`` seconds while the step runs, and ``<what>: <done> <unit> in <s> s, <rate>
+    <unit>/s`` once it has ended without an error.
+    """
+    out = out or console()
+    if out.is_terminal:
+        with progress_bars(out) as bars:
+            task = bars.add_task(what, total=None, note="", unit=unit)
+            yield lambda done, total: bars.update(task, completed=done, total=total)
+        return
+    start = time.monotonic()
+    state: dict[str, Any] = {"done": 0, "logged": start}
+
+    def update(done: int, total: int | None) -> None:
+        state["done"], now = done, time.monotonic()
+        if now - state["logged"] >= log_every_s:
+            state["logged"] = now
+            rate = done / max(now - start, 1e-9)
+            left = f", ~{(total - done) / rate:.0f} s left" if total and rate > 0 else ""
+            out.print(f"{what}: {done}/{total if total is not None else '?'} {unit}, {rate:,.1f} {unit}/s{left}",
+                      markup=False)
+
+    yield update
+    seconds = time.monotonic() - start
+    out.print(f"{what}: {state['done']} {unit} in {seconds:.1f} s, {state['done'] / max(seconds, 1e-9):,.1f} "
+              f"{unit}/s", markup=False)

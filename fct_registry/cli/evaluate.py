@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from fct_registry.cli.common import Project, console, row, table
+from fct_registry.cli.common import AsJson, Project, console, print_json, row, table
 from fct_registry.usecases import evaluate as usecase
 from fct_registry.usecases import project as project_files
 
@@ -44,16 +44,47 @@ def search(
                                                      "the query model).")] = None,
     model: Annotated[str | None, typer.Option(help="Backbone that embeds the images: number, label or @alias "
                                                    "(default: @champion).")] = None,
+    as_json: AsJson = False,
 ) -> None:
-    """Find the k nearest gallery items of each image, embedded by a backbone (the champion by default)."""
+    """Find the k nearest gallery items of each image, embedded by a backbone (the champion by default).
+
+    Each hit shows its stored label, and for a set embedded from an image folder (sets embed) its class name and
+    image file."""
     project: Project = ctx.obj
     gallery_set = None if gallery is None else project_files.find_set(gallery, project.root, project.sets_root)
     query_model = model if model is not None else f"@{project.settings().registry.champion_alias}"
     found = usecase.search_images(project.registry(), images, k, query_model, project.sets_root, gallery_set)
+    hits = [[_hit(found, rank, int(item), float(score), int(label))
+             for rank, (item, score, label) in enumerate(zip(ids, scores, labels, strict=True), start=1)]
+            for ids, scores, labels in zip(found.result.ids, found.result.scores, found.labels, strict=True)]
+    if as_json:
+        print_json({"model": found.model.ref, "model_version": found.model.version, "gallery": found.gallery.path,
+                    "metric": found.gallery.manifest.metric,
+                    "queries": [{"image": image, "hits": ranked} for image, ranked in zip(images, hits, strict=True)]})
+        return
+    named_classes, with_files = bool(found.class_names), bool(found.files)
+    columns = ["rank", "item_id", "score", "label", *(["class"] if named_classes else []),
+               *(["file"] if with_files else [])]
     out = console()
-    for image, ids, scores in zip(images, found.result.ids, found.result.scores, strict=True):
-        out.print(f"{image}: {found.model.ref} in {found.gallery.path}", markup=False)
-        ranked = table("", "rank", "item_id", "score")
-        for rank, (item, score) in enumerate(zip(ids, scores, strict=True), start=1):
-            row(ranked, rank, item, f"{score:.4f}")
-        out.print(ranked)
+    for image, ranked in zip(images, hits, strict=True):
+        under = f" (images under {found.folder})" if with_files else ""
+        out.print(f"{image}: {found.model.ref} in {found.gallery.path}{under}", markup=False)
+        listing = table("", *columns)
+        for hit in ranked:
+            cells = [hit["rank"], hit["item_id"], f"{hit['score']:.4f}", hit["label"]]
+            if named_classes:
+                cells.append(hit["class"] or "-")
+            if with_files:
+                cells.append(found.files.get(hit["item_id"], "-"))
+            row(listing, *cells)
+        out.print(listing)
+
+
+def _hit(found: usecase.ImageSearch, rank: int, item: int, score: float, label: int) -> dict[str, object]:
+    """One hit for ``--json`` and the table: rank, item_id, score, label; class and file when the set knows them."""
+    hit: dict[str, object] = {"rank": rank, "item_id": item, "score": score, "label": label}
+    if found.class_names:
+        hit["class"] = found.class_name(label)
+    if found.files and found.folder is not None and item in found.files:
+        hit["file"] = str(found.folder / found.files[item])
+    return hit

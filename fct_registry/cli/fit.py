@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from fct_registry.cli.common import Project, console, named, row, table
+from fct_registry.cli.common import LOG_EVERY_S, Project, console, named, progress_bars, row, table
 from fct_registry.usecases import fit as usecase
 
 app = typer.Typer()
@@ -48,24 +48,35 @@ def fit(
     out = console()
     with ExitStack() as stack:
         if out.is_terminal:
-            bar = stack.enter_context(Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                               TextColumn("{task.fields[note]}"), TimeElapsedColumn(), console=out))
+            bar = stack.enter_context(progress_bars(out))
             tasks: dict[str, int] = {}
 
             def on_features(what: str, done: int, total: int, cached: bool) -> None:
                 if what not in tasks:
-                    tasks[what] = bar.add_task(f"features {what}", total=total, note="")
+                    tasks[what] = bar.add_task(f"features {what}", total=total, note="", unit="images")
                 bar.update(tasks[what], completed=done, note="cached" if cached else "")
 
             def on_epoch(epoch: int, epochs_total: int, mse: float) -> None:
                 if "train" not in tasks:
-                    tasks["train"] = bar.add_task("training h", total=epochs_total, note="")
+                    tasks["train"] = bar.add_task("training h", total=epochs_total, note="", unit="epochs")
                 bar.update(tasks["train"], completed=epoch, note=f"train MSE {mse:.4f}")
-        else:
+        else:  # logs: rich draws nothing off a terminal
+            # what -> [start, last line]; an extraction starts when the previous one ended (its first call comes
+            # after its first batch)
+            started: dict[str, list[float]] = {"": [time.monotonic()] * 2}
+
             def on_features(what: str, done: int, total: int, cached: bool) -> None:
+                now = time.monotonic()
+                start, logged = started.setdefault(what, [started[""][0], now])
+                rate = f"{done / max(now - start, 1e-9):,.1f} images/s"
                 if cached or done == total:
-                    out.print(f"features {what}: {total} images " + ("(cached)" if cached else "extracted"),
+                    started[""][0] = now
+                    out.print(f"features {what}: {total} images " + ("(cached)" if cached else
+                                                                      f"extracted in {now - start:.1f} s, {rate}"),
                               markup=False)
+                elif now - logged >= LOG_EVERY_S:
+                    started[what][1] = now
+                    out.print(f"features {what}: {done}/{total} images, {rate}", markup=False)
 
             def on_epoch(epoch: int, epochs_total: int, mse: float) -> None:
                 out.print(f"epoch {epoch}/{epochs_total}: train MSE {mse:.6f}", markup=False)

@@ -7,9 +7,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from fct_registry.cli.common import AsJson, Project, console, named, print_json, row, table
+from fct_registry.cli.common import AsJson, Project, console, named, print_json, progress, row, table
 from fct_registry.usecases import project as project_files
 from fct_registry.usecases import sets as usecase
 from fct_registry.vectors.embedding_set import EmbeddingSet
@@ -67,10 +66,6 @@ class Format(str, Enum):
     npy = "npy"
 
 
-def _bar(verb: str) -> Progress:
-    return Progress(TextColumn(verb), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console())
-
-
 def _wrote(new: EmbeddingSet, project: Project) -> None:
     m = new.manifest
     side = f", side-info {m.side_info_model} ({m.side_info_dim}-d)" if m.side_info_model is not None else ""
@@ -114,10 +109,10 @@ def sets_import(
     models = usecase.set_models(project.registry(), model, side_info)
     columns = Columns(id_column, vector_column, side_info_column if side_info is not None else None, label_column)
     vectors = usecase.open_vectors(source, models, columns)
-    with _bar("importing") as bar:
-        task = bar.add_task("import", total=vectors.count)
+    with progress(f"importing {vectors.path.name}", "vectors") as step:
+        step(0, vectors.count)
         new = usecase.import_set(vectors, models, project.sets_root / name, batch_rows=batch_rows,
-                                 overwrite=overwrite, progress=lambda done, _total: bar.update(task, completed=done))
+                                 overwrite=overwrite, progress=step)
     _wrote(new, project)
 
 
@@ -136,7 +131,9 @@ def sets_export(
     """Export a set (e.g. an upgraded gallery) for a vector database: written to a temp path, then renamed."""
     project: Project = ctx.obj
     source = project_files.find_set(set_name, project.root, project.sets_root)
-    result = usecase.export(source, project.root / out, format.value, batch_rows=batch_rows, overwrite=overwrite)
+    with progress(f"exporting {source.path.name}", "vectors") as step:
+        result = usecase.export(source, project.root / out, format.value, batch_rows=batch_rows,
+                                overwrite=overwrite, progress=step)
     console().print(f"wrote {result.path} ({result.format}: {', '.join(result.files)}): {result.count} items of "
                     f"{source.manifest.model}", markup=False)
 
@@ -159,9 +156,7 @@ def sets_embed(
     project: Project = ctx.obj
     registry = project.registry()
     models = usecase.set_models(registry, model, side_info)
-    with _bar("embedding") as bar:
-        task = bar.add_task("embed", total=None)
+    with progress(f"embedding {image_dir.name or image_dir}", "images") as step:
         new = usecase.embed_folder(registry, image_dir, models, project.sets_root / name, batch_size=batch_size,
-                                   overwrite=overwrite,
-                                   progress=lambda done, total: bar.update(task, completed=done, total=total))
+                                   overwrite=overwrite, progress=step)
     _wrote(new, project)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -16,9 +17,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from fct_registry.core.errors import DataError, RuntimeInputError, UpgradeError
 from fct_registry.core.refs import ModelRef
 from fct_registry.onnx_boundary.model_card import read_model_card
-from fct_registry.onnx_boundary.runtime import OnnxModel
 from fct_registry.vectors.batch import EmbeddingBatch
 from fct_registry.vectors.embedding_set import EmbeddingSet
+
+if TYPE_CHECKING:  # onnxruntime is loaded when a chain is loaded (_load), not with this module
+    from fct_registry.onnx_boundary.runtime import OnnxModel
 
 OLD_INPUT = "old_embedding"
 SIDE_INPUT = "side_info"
@@ -96,6 +99,8 @@ def _check_side_info(i: int, step: ChainStep, embedding_set: EmbeddingSet) -> No
 
 
 def _load(i: int, step: ChainStep) -> OnnxModel:
+    from fct_registry.onnx_boundary.runtime import OnnxModel
+
     try:
         return OnnxModel(step.onnx_path)
     except RuntimeInputError as exc:

@@ -6,11 +6,14 @@ The fastest engine on one machine (see the README's measurements); memory is bou
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 from fct_registry.engines.chain import ChainStep, apply_chain, check_stored_finite
-from fct_registry.onnx_boundary.runtime import OnnxModel
 from fct_registry.vectors.batch import EmbeddingBatch
 from fct_registry.vectors.embedding_set import EmbeddingSet
+
+if TYPE_CHECKING:
+    from fct_registry.onnx_boundary.runtime import OnnxModel
 
 
 def iter_upgraded_local(source: EmbeddingSet, steps: Sequence[ChainStep], models: Sequence[OnnxModel],

@@ -17,15 +17,17 @@ import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import closing
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from fct_registry.core.errors import UpgradeError
 from fct_registry.engines.chain import ChainStep, Progress, validate_chain
 from fct_registry.engines.local import iter_upgraded_local
-from fct_registry.onnx_boundary.runtime import OnnxModel
 from fct_registry.vectors.batch import EmbeddingBatch
 from fct_registry.vectors.embedding_set import EmbeddingSet
 from fct_registry.vectors.set_writer import write_embedding_set
+
+if TYPE_CHECKING:
+    from fct_registry.onnx_boundary.runtime import OnnxModel
 
 
 def check_upgrade(source: EmbeddingSet, steps: Sequence[ChainStep], dest_path: str | os.PathLike[str],

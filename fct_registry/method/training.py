@@ -27,7 +27,9 @@ FeatureEpoch = Callable[[int], tuple[np.ndarray, np.ndarray | None, np.ndarray]]
 """Given an epoch index, returns (old (N, d_old), side-info (N, d_side) or None, new (N, d_new)) float32."""
 
 EpochCallback = Callable[[int, dict[str, float]], None]
-"""Called after each epoch with the 0-based epoch index and that epoch's metrics (``train_mse``)."""
+"""Called after each epoch with the 0-based epoch index and that epoch's metrics (for progress output): the mean
+loss over the epoch's rows (``train_loss``; ``train_mse`` for h), ``train_accuracy`` for a backbone, ``seconds``
+since training started. It only reads values already computed: training is numerically identical without it."""
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -132,7 +134,8 @@ def synthesise_classifier(old: Classifier, split: Split, old_classes: list[int],
 
 
 def train_backbone(split: Split, n_classes: int, params: BackboneParams, seed: int,
-                   influence: tuple[nn.Linear, np.ndarray, float] | None = None) -> tuple[Classifier, dict]:
+                   influence: tuple[nn.Linear, np.ndarray, float] | None = None,
+                   on_epoch: EpochCallback | None = None) -> tuple[Classifier, dict]:
     """Train a backbone with label-smoothed cross-entropy, optionally plus BCT's influence loss.
 
     Args:
@@ -142,6 +145,8 @@ def train_backbone(split: Split, n_classes: int, params: BackboneParams, seed: i
         seed: seeds initialisation, data order and augmentations.
         influence: for BCT, ``(old_classifier, label_map, weight)``: the frozen old head (n_old, d),
             a (n_classes,) int64 map from a training label to the old head's label, and lambda.
+        on_epoch: optional callback given the 0-based epoch index and ``{"train_loss", "train_accuracy",
+            "seconds"}`` of that epoch (see :data:`EpochCallback`).
 
     Returns:
         The backbone with its classification head (``.backbone`` is the embedding model), in eval mode,
@@ -154,7 +159,7 @@ def train_backbone(split: Split, n_classes: int, params: BackboneParams, seed: i
     optimizer, scheduler = _cosine_adam(model, params.lr, params.weight_decay, steps)
     label_map = torch.from_numpy(influence[1]) if influence else None
     start = time.perf_counter()
-    for _ in range(params.epochs):
+    for epoch in range(params.epochs):
         model.train()
         loss_sum, correct, seen = 0.0, 0, 0
         for batch_images, batch_labels in _batches((images, labels), params.batch_size, True, generator):
@@ -172,17 +177,23 @@ def train_backbone(split: Split, n_classes: int, params: BackboneParams, seed: i
             loss_sum += loss.item() * len(batch_labels)
             correct += int((logits.argmax(1) == batch_labels).sum())
             seen += len(batch_labels)
+        if on_epoch is not None:
+            on_epoch(epoch, {"train_loss": loss_sum / seen, "train_accuracy": correct / seen,
+                             "seconds": time.perf_counter() - start})
     seconds = time.perf_counter() - start
     return model.eval(), {"train_loss": loss_sum / seen, "train_accuracy": correct / seen, "seconds": seconds}
 
 
-def train_side_info(split: Split, params: SideInfoParams, seed: int) -> tuple[SideInfoModel, dict]:
+def train_side_info(split: Split, params: SideInfoParams, seed: int, on_epoch: EpochCallback | None = None
+                    ) -> tuple[SideInfoModel, dict]:
     """Train the side-information model with SimCLR's NT-Xent loss on two augmented views; labels unused.
 
     Args:
         split: training images (N, C, H, W) uint8 (labels are ignored).
         params: encoder width, side-info dim d_side, projection dim, temperature, optimiser settings.
         seed: seeds initialisation, data order and augmentations.
+        on_epoch: optional callback given the 0-based epoch index and ``{"train_loss", "seconds"}`` of that epoch
+            (see :data:`EpochCallback`).
 
     Returns:
         The model in eval mode (``forward`` gives side-info (B, d_side)) and metrics ``train_loss``, ``seconds``.
@@ -193,7 +204,7 @@ def train_side_info(split: Split, params: SideInfoParams, seed: int) -> tuple[Si
     steps = params.epochs * math.ceil(len(split) / params.batch_size)
     optimizer, scheduler = _cosine_adam(model, params.lr, 1e-6, steps)
     start = time.perf_counter()
-    for _ in range(params.epochs):
+    for epoch in range(params.epochs):
         model.train()
         loss_sum, seen = 0.0, 0
         for (batch_images,) in _batches((images,), params.batch_size, True, generator):
@@ -207,6 +218,8 @@ def train_side_info(split: Split, params: SideInfoParams, seed: int) -> tuple[Si
             scheduler.step()
             loss_sum += loss.item() * len(x)
             seen += len(x)
+        if on_epoch is not None:
+            on_epoch(epoch, {"train_loss": loss_sum / seen, "seconds": time.perf_counter() - start})
     return model.eval(), {"train_loss": loss_sum / seen, "seconds": time.perf_counter() - start}
 
 
@@ -239,8 +252,8 @@ def train_transformation(features: FeatureEpoch, params: TransformationParams, s
         params: hidden width, epochs, batch size, learning rate.
         seed: seeds initialisation and data order.
         on_epoch: optional callback given the 0-based epoch index and ``{"train_mse": mean over the epoch's
-            rows}`` after each epoch (for progress output); it reads values already computed, so training is
-            numerically identical with or without it.
+            rows, "seconds": since training started}`` after each epoch (for progress output); it reads values
+            already computed, so training is numerically identical with or without it.
 
     Returns:
         h in eval mode and metrics ``train_mse`` (last epoch, mean over rows) and ``seconds``.
@@ -266,5 +279,5 @@ def train_transformation(features: FeatureEpoch, params: TransformationParams, s
             loss_sum += loss.item() * len(batch[0])
             seen += len(batch[0])
         if on_epoch is not None:
-            on_epoch(epoch, {"train_mse": loss_sum / seen})
+            on_epoch(epoch, {"train_mse": loss_sum / seen, "seconds": time.perf_counter() - start})
     return model.eval(), {"train_mse": loss_sum / seen, "seconds": time.perf_counter() - start}

@@ -7,11 +7,14 @@ embedding set come from exactly the file whose sha256 the set's manifest names.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fct_registry.onnx_boundary.contract import InputContract, contract_from_tags, prepare
-from fct_registry.onnx_boundary.runtime import OnnxModel
+
+if TYPE_CHECKING:  # the caller loads the model, and with it onnxruntime
+    from fct_registry.onnx_boundary.runtime import OnnxModel
 
 
 def default_contract(model: OnnxModel) -> InputContract:

@@ -23,12 +23,15 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fct_registry.core.errors import ModelValidationError, RuntimeInputError
 from fct_registry.onnx_boundary.contract import InputContract, prepare
-from fct_registry.onnx_boundary.runtime import CPU_PROVIDER, OnnxModel
+
+if TYPE_CHECKING:
+    from fct_registry.onnx_boundary.runtime import OnnxModel
 
 PROBE_BATCH = 8
 BATCH_RTOL = 1e-4
@@ -86,6 +89,8 @@ def validate_image_model(path: str | os.PathLike, contract: InputContract, norma
     path = Path(path)
     if not path.is_file():
         raise ModelValidationError(f"ONNX file {path} does not exist")
+    from fct_registry.onnx_boundary.runtime import CPU_PROVIDER, OnnxModel  # onnxruntime, loaded only to validate
+
     try:
         model = OnnxModel(path, providers=[CPU_PROVIDER])
     except RuntimeInputError as exc:

@@ -9,21 +9,25 @@ the deprecated stages and are resolved only through ``MlflowClient.get_model_ver
 The embedded store is created (tables and migrations) once, by the first writer, under a file lock
 (``mlflow.db.lock`` beside it), so processes that start at the same moment never migrate it twice; a store left
 half-migrated is reported with how to recover, never used. Reading a store that does not exist yet sees an empty
-registry and creates nothing.
+registry and creates nothing. Listing an embedded store's versions and aliases skips mlflow altogether when
+:class:`~fct_registry.registry.sqlite_reader.SqliteReader` can read them as MLflow would (read-only, milliseconds).
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
 import time
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import closing, contextmanager
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from fct_registry.core.errors import RegistryError
 from fct_registry.core.refs import ModelRef
+from fct_registry.registry.onnx_io import OnnxIO
+from fct_registry.registry.sqlite_reader import SqliteReader, interrupted_migration_tables
 from fct_registry.registry.versions import RegisteredVersion, format_tags, version_from_tags
 
 EXPERIMENT_NAME = "fct-registry"
@@ -50,6 +54,7 @@ class MlflowStore:
         self.tracking_uri = tracking_uri
         self.local_root = local_root
         self._experiment: str | None = None
+        self._reader = SqliteReader(local_root / DB_FILE) if local_root is not None else None
 
     @property
     def exists(self) -> bool:
@@ -67,17 +72,27 @@ class MlflowStore:
 
         if self.local_root is not None:
             prepare_sqlite_store(self.tracking_uri, self.local_root)
+        else:  # over a tracking server MLflow writes "View run/experiment at <url>" to stdout after every run
+            os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+            # MLflow's default (7 retries with backoff) takes minutes to report a server that is down
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
         return MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
 
     def search_versions(self, filter_string: str) -> list[RegisteredVersion]:
         """Model versions matching an MLflow filter string (without aliases: search results carry none); none
-        when the embedded store does not exist yet."""
+        when the embedded store does not exist yet. Read without mlflow when the store's reader can."""
         if not self.exists:
             return []
+        read = self._reader.search_versions(filter_string) if self._reader is not None else None
+        if read is not None:
+            return read
         return [_to_version(mv) for mv in self.client.search_model_versions(filter_string)]
 
     def aliases(self, name: str) -> dict[str, int]:
-        """``{alias: version number}`` of a registered model."""
+        """``{alias: version number}`` of a registered model (read without mlflow when the store's reader can)."""
+        read = self._reader.aliases(name) if self._reader is not None else None
+        if read is not None:
+            return read
         return {alias: int(number) for alias, number in self.client.get_registered_model(name).aliases.items()}
 
     def version_by_alias(self, name: str, alias: str) -> RegisteredVersion:
@@ -152,8 +167,9 @@ class MlflowStore:
         return [run.info.run_id for run in runs]
 
     def register_onnx(self, path: Path, name: str, ref: ModelRef, tags: Mapping[str, str],
-                      params: Mapping[str, Any], metrics: Mapping[str, float]) -> RegisteredVersion:
-        """Log ONNX bytes with MLflow's ONNX flavor in a new run and register them as a version of ``name``.
+                      params: Mapping[str, Any], metrics: Mapping[str, float], io: OnnxIO | None = None
+                      ) -> RegisteredVersion:
+        """Log ONNX bytes with MLflow's ONNX flavor (signature: ``io``) in a new run and register them as a version.
 
         Raises:
             RegistryError: MLflow refuses the run or the version (e.g. an invalid param name).
@@ -163,10 +179,14 @@ class MlflowStore:
         # The registry store itself resolves ``models:/<id>`` through the process-wide URI.
         with _fluent_tracking_uri(self.tracking_uri):
             try:
-                model_uri, model_id, run_id = self._log_onnx(path, name, ref, tags, params, metrics)
-                return self._create_version(name, model_uri, model_id, run_id, tags)
+                model_uri, model_id, run_id = self._log_onnx(path, name, ref, tags, params, metrics, io)
+                return _create_version(self.client, name, model_uri, model_id, run_id, tags)
             except MlflowException as e:
                 raise RegistryError(f"cannot register {path} as {name} {ref}: {first_line(e)}") from e
+
+    def delete_version(self, version: RegisteredVersion) -> None:
+        """Delete a model version (its run and artifacts stay, as MLflow keeps them)."""
+        self.client.delete_model_version(version.name, str(version.version))
 
     def download_onnx(self, version: RegisteredVersion, dst: Path) -> Path:
         """Download a version's model folder into ``dst``; returns the path of its ONNX file there.
@@ -205,32 +225,78 @@ class MlflowStore:
         return self._experiment
 
     def _log_onnx(self, path: Path, name: str, ref: ModelRef, tags: Mapping[str, str], params: Mapping[str, Any],
-                  metrics: Mapping[str, float]) -> tuple[str, str, str]:
+                  metrics: Mapping[str, float], io: OnnxIO | None) -> tuple[str, str, str]:
         """Log the ONNX bytes (ONNX flavor, no external data) in a new run; returns (uri, model id, run id)."""
         import mlflow
         import mlflow.onnx
 
-        with mlflow.start_run(experiment_id=self._experiment_id(), run_name=f"register {name} {ref}") as run:
+        logged_name = "".join("-" if c in "/:.%\"'" else c for c in f"{tags.get('fct.role', 'model')}-{ref.label}")
+        with mlflow.start_run(experiment_id=self._experiment_id(), run_name=f"{name} · {ref.label}") as run:
             mlflow.set_tags(tags)
             mlflow.log_params({k: str(v) for k, v in params.items()})
             mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
-            info = mlflow.onnx.log_model(path.read_bytes(), name="model", save_as_external_data=False,
+            info = mlflow.onnx.log_model(path.read_bytes(), name=logged_name, save_as_external_data=False,
+                                         signature=_signature(io),
                                          pip_requirements=mlflow.onnx.get_default_pip_requirements())
         return info.model_uri, info.model_id, run.info.run_id
 
-    def _create_version(self, name: str, model_uri: str, model_id: str, run_id: str, tags: Mapping[str, str]
-                        ) -> RegisteredVersion:
-        """Create the registered model if needed, then one version carrying all its tags at once."""
-        from mlflow.exceptions import MlflowException
 
-        try:
-            self.client.create_registered_model(name)
-        except MlflowException as e:
-            if e.error_code != "RESOURCE_ALREADY_EXISTS":
-                raise RegistryError(f"cannot create registered model {name}: {first_line(e)}") from e
-        mv = self.client.create_model_version(name, source=model_uri, run_id=run_id, tags=dict(tags),
-                                              model_id=model_id)
-        return _to_version(mv)
+def _create_version(client: Any, name: str, model_uri: str, model_id: str, run_id: str, tags: Mapping[str, str]
+                    ) -> RegisteredVersion:
+    """Create the registered model if needed, then one version carrying all its tags at once."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(name)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise RegistryError(f"cannot create registered model {name}: {first_line(e)}") from e
+    mv = client.create_model_version(name, source=model_uri, run_id=run_id, tags=dict(tags), model_id=model_id)
+    return _to_version(mv)
+
+
+def name_run(store: MlflowStore, version: RegisteredVersion, title: str, note: str) -> None:
+    """Name the run that logged ``version`` ``title`` and give it the Markdown description ``note``."""
+    run_id = store.client.get_model_version(version.name, str(version.version)).run_id
+    if run_id:
+        store.client.update_run(run_id, name=title)
+        store.client.set_tag(run_id, "mlflow.note.content", note)
+
+
+def set_descriptions(store: MlflowStore, name: str, model_text: str, version_texts: Mapping[int, str]) -> None:
+    """Set the Markdown descriptions of the registered model ``name`` and of its versions (only those that differ)."""
+    if (store.client.get_registered_model(name).description or "") != model_text:
+        store.client.update_registered_model(name, description=model_text)
+    for mv in store.client.search_model_versions(f"name = '{name}'"):
+        text = version_texts.get(int(mv.version))
+        if text is not None and (mv.description or "") != text:
+            store.client.update_model_version(name, mv.version, description=text)
+
+
+def keep_run_files(store: MlflowStore, kind: str, run_name: str, digest: str, write: Callable[[Path], None],
+                   note: str = "") -> tuple[str, str]:
+    """Keep one run tagged ``fct.kind = kind`` whose files are what ``write(folder)`` makes for ``digest``.
+
+    The oldest such run is reused (created, named ``run_name``, when there is none); its files are logged again, and
+    its description set to ``note``, only when its ``fct.digest`` tag is not ``digest``. Returns (experiment id,
+    run id).
+    """
+    from mlflow.entities import RunTag
+
+    client, experiment = store.client, store._experiment_id()
+    runs = client.search_runs([experiment], filter_string=f"tags.`fct.kind` = '{kind}'",
+                              order_by=["attributes.start_time ASC"], max_results=1)
+    if runs and runs[0].data.tags.get("fct.digest") == digest:
+        return experiment, runs[0].info.run_id
+    run_id = runs[0].info.run_id if runs else client.create_run(experiment, run_name=run_name,
+                                                                 tags={"fct.kind": kind}).info.run_id
+    with tempfile.TemporaryDirectory() as folder:
+        write(Path(folder))
+        client.log_artifacts(run_id, folder)
+    client.log_batch(run_id, tags=[RunTag("fct.digest", digest), RunTag("mlflow.note.content", note)])
+    if not runs:
+        client.set_terminated(run_id)
+    return experiment, run_id
 
 
 def prepare_sqlite_store(tracking_uri: str, local_root: Path) -> None:
@@ -254,7 +320,7 @@ def prepare_sqlite_store(tracking_uri: str, local_root: Path) -> None:
                 f"{local_root} away to start an empty registry")
     try:
         with FileLock(local_root / LOCK_FILE, timeout=STORE_LOCK_TIMEOUT_S):
-            leftovers = _interrupted_migration_tables(db)
+            leftovers = interrupted_migration_tables(db)
             if leftovers:
                 raise RegistryError(f"registry store {db} is broken: an interrupted migration left "
                                     f"{', '.join(leftovers)}; {recovery}")
@@ -267,16 +333,18 @@ def prepare_sqlite_store(tracking_uri: str, local_root: Path) -> None:
                             f"process ({local_root / LOCK_FILE}); retry when it has finished") from e
 
 
-def _interrupted_migration_tables(db: Path) -> list[str]:
-    """Names of alembic's temporary tables in the SQLite file ``db`` (none when it does not exist)."""
-    import sqlite3
+def _signature(io: OnnxIO | None) -> Any:
+    """MLflow's ``ModelSignature`` of tensor specs for ``io`` (None without it)."""
+    if io is None:
+        return None
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
 
-    if not db.is_file():
-        return []
-    with closing(sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True)) as connection:
-        rows = connection.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name LIKE "
-                                  "'\\_alembic\\_tmp\\_%' ESCAPE '\\'").fetchall()
-    return sorted(name for (name,) in rows)
+    def schema(tensors: Iterable[Any]) -> Any:
+        return Schema([TensorSpec(np.dtype(t.dtype), t.shape, t.name) for t in tensors])
+
+    return ModelSignature(inputs=schema(io.inputs), outputs=schema(io.outputs))
 
 
 def _to_version(mv: Any) -> RegisteredVersion:

@@ -20,6 +20,8 @@ from fct_registry.core.errors import RegistryError
 from fct_registry.core.refs import ModelRef
 from fct_registry.registry.chains import Edge
 from fct_registry.registry.mlflow_store import MlflowStore, default_tracking_uri
+from fct_registry.registry.onnx_io import onnx_io
+from fct_registry.registry.pages import publish_pages
 from fct_registry.registry.versions import (
     EDGE_TAGS,
     IDENTITY_TAGS,
@@ -115,6 +117,7 @@ class ModelRegistry:
         """
         chosen = self.get(role, version)
         self.store.set_alias(chosen, alias)
+        publish_pages(self)
         return self.get(role, chosen.version)
 
     def resolve_alias(self, role: str, alias: str) -> RegisteredVersion:
@@ -128,7 +131,8 @@ class ModelRegistry:
     def register(self, onnx_path: str | os.PathLike, role: str, ref: ModelRef, tags: Mapping[str, Any] | None = None,
                  params: Mapping[str, Any] | None = None, metrics: Mapping[str, float] | None = None
                  ) -> RegisteredVersion:
-        """Register an ONNX file as a model version (logged with MLflow's ONNX flavor).
+        """Register an ONNX file as a model version (logged with MLflow's ONNX flavor and the graph's signature),
+        then bring the UI's pages up to date (:func:`~fct_registry.registry.pages.publish_pages`).
 
         Idempotent by content: when a version of ``role`` with the same ``fct.sha256`` exists it is returned
         unchanged and nothing is logged.
@@ -166,7 +170,10 @@ class ModelRegistry:
                         "fct.params": json.dumps(dict(params or {}), sort_keys=True, default=str)}
         if role == "transformation":
             require_tags(version_tags, EDGE_TAGS, f"transformation {ref} (see transformation_tags())")
-        return self.store.register_onnx(path, name, ref, version_tags, params or {}, metrics or {})
+        version = self.store.register_onnx(path, name, ref, version_tags, params or {}, metrics or {}, onnx_io(path))
+        version = _first_of_twins(self.store, version, f"name = '{name}' AND tags.`fct.sha256` = '{sha}'", ref)
+        publish_pages(self, version)
+        return version
 
     def set_tags(self, version: RegisteredVersion, tags: Mapping[str, Any]) -> RegisteredVersion:
         """Add or overwrite version tags (e.g. metrics measured after registration); returns it refreshed.
@@ -179,6 +186,7 @@ class ModelRegistry:
         if changed:
             raise RegistryError(f"refusing to change identity tags {', '.join(changed)} of {version}")
         self.store.set_tags(version, formatted)
+        publish_pages(self)
         return self.get(version.role, version.version)
 
     def log_run(self, name: str, params: Mapping[str, Any], tags: Mapping[str, Any],
@@ -220,6 +228,20 @@ class ModelRegistry:
             RegistryError: A transformation version lacks its source/target tags.
         """
         return transformation_edges(self.versions("transformation"))
+
+
+def _first_of_twins(store: MlflowStore, created: RegisteredVersion, same_bytes: str, ref: ModelRef
+                    ) -> RegisteredVersion:
+    """The lowest version holding the same bytes as ``created``; ``created`` is deleted when it is not that one.
+
+    Content identity is checked before registering, which is not atomic: jobs registering the same file at the
+    same moment (e.g. against a shared server) each create a version. Every job then keeps the lowest one.
+    """
+    first = min(store.search_versions(same_bytes), key=lambda v: v.version, default=created)
+    if first.version == created.version:
+        return created
+    store.delete_version(created)
+    return _same_label(first, ref)
 
 
 def _same_label(existing: RegisteredVersion, ref: ModelRef) -> RegisteredVersion:

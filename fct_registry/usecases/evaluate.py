@@ -1,26 +1,33 @@
 """Use cases of ``fct-registry evaluate`` and ``search``: score a query model against a stored gallery, find the
-nearest gallery items of query images."""
+nearest gallery items of query images (with their labels, and class names and image files where the set knows them).
+
+ONNX Runtime, faiss and Pillow are imported by the functions that use them, so that importing this module (every
+command of the CLI does) stays cheap for the listings.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fct_registry.core.errors import DataError, SearchError
-from fct_registry.method.data import load_prepared
-from fct_registry.onnx_boundary.embedding import embed_images
-from fct_registry.onnx_boundary.images import read_image
-from fct_registry.onnx_boundary.runtime import OnnxModel
+from fct_registry.core.errors import DataError, EmbeddingSetError, SearchError
 from fct_registry.registry.model_registry import ModelRegistry
 from fct_registry.registry.versions import RegisteredVersion, input_contract
 from fct_registry.usecases.project import sets_under
 from fct_registry.vectors.embedding_set import EmbeddingSet, require_same_model
-from fct_registry.vectors.metrics import retrieval_metrics
-from fct_registry.vectors.search import SearchResult, index_for_set, search_set
+
+if TYPE_CHECKING:
+    from fct_registry.vectors.search import SearchResult
+
+SOURCES_FILE = "sources.json"
+"""The sidecar that ``sets embed`` writes beside a set made from an image folder (``fct_registry.usecases.sets``,
+which this use case may not import): ``{"folder", "classes", "item_ids", "files"}``."""
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,11 @@ def evaluate_gallery(registry: ModelRegistry, query_version: str, gallery: Embed
         DataError: the prepared split is missing.
         SearchError: bad labels or top_k.
     """
+    from fct_registry.method.data import load_prepared
+    from fct_registry.onnx_boundary.embedding import embed_images
+    from fct_registry.onnx_boundary.runtime import OnnxModel
+    from fct_registry.vectors.metrics import retrieval_metrics
+
     query = registry.get("backbone", query_version)
     require_same_model(query.ref, gallery.manifest.model)
     images = load_prepared(Path(data_dir), split)
@@ -67,11 +79,27 @@ def evaluate_gallery(registry: ModelRegistry, query_version: str, gallery: Embed
 @dataclass(frozen=True)
 class ImageSearch:
     """Top-k gallery items for query images: the backbone used, the gallery set, and ids/scores per image
-    (``result.ids`` (n_query, k) int64, ``result.scores`` (n_query, k) float32, larger is better)."""
+    (``result.ids`` (n_query, k) int64, ``result.scores`` (n_query, k) float32, larger is better).
+
+    Attributes:
+        labels: (n_query, k) int64, the stored label of each hit (-1: unlabelled item).
+        class_names: label -> class name, from the set's ``sources.json`` (a set embedded from a folder of class
+            folders); empty when the set does not know them.
+        files: item id -> its image, relative to ``folder`` (a set embedded from an image folder); else empty.
+        folder: the image folder the set was embedded from, or None.
+    """
 
     model: RegisteredVersion
     gallery: EmbeddingSet
     result: SearchResult
+    labels: np.ndarray
+    class_names: tuple[str, ...] = ()
+    files: dict[int, str] = field(default_factory=dict)
+    folder: Path | None = None
+
+    def class_name(self, label: int) -> str | None:
+        """The class name of a label, or None (unlabelled, or the set knows no names)."""
+        return self.class_names[label] if 0 <= label < len(self.class_names) else None
 
 
 def gallery_for(model: RegisteredVersion, sets_root: str | os.PathLike) -> EmbeddingSet:
@@ -92,6 +120,9 @@ def search_images(registry: ModelRegistry, images: Sequence[str | os.PathLike], 
                   sets_root: str | os.PathLike, gallery: EmbeddingSet | None = None) -> ImageSearch:
     """Embed query images with a registered backbone and search a gallery set at that backbone.
 
+    Each hit comes with its stored label and, for a set embedded from an image folder (its ``sources.json``), its
+    class name and image file (see :class:`ImageSearch`).
+
     Args:
         registry: The model registry.
         images: PNG/JPEG files; each is decoded and prepared as the backbone's input contract says.
@@ -105,7 +136,13 @@ def search_images(registry: ModelRegistry, images: Sequence[str | os.PathLike], 
         DataError: an image is missing or not PNG/JPEG.
         VersionMismatchError: ``gallery`` holds vectors of another model.
         SearchError: no gallery at the backbone, or bad ``k``.
+        EmbeddingSetError: the set's shards or its ``sources.json`` cannot be read.
     """
+    from fct_registry.onnx_boundary.embedding import embed_images
+    from fct_registry.onnx_boundary.images import read_image
+    from fct_registry.onnx_boundary.runtime import OnnxModel
+    from fct_registry.vectors.search import GalleryIndex, search_set
+
     missing = [str(path) for path in images if not Path(path).is_file()]
     if missing:
         raise DataError(f"query image {missing[0]!r} is not a file" + (f" (nor {len(missing) - 1} more)"
@@ -118,4 +155,30 @@ def search_images(registry: ModelRegistry, images: Sequence[str | os.PathLike], 
     contract = input_contract(model, onnx_model.input_shapes[onnx_model.input_names[0]])
     pixels = np.concatenate([read_image(path, contract) for path in images])
     queries = embed_images(onnx_model, pixels, contract)
-    return ImageSearch(model, gallery, search_set(index_for_set(gallery), queries, model.ref, k))
+    stored = gallery.read()  # once, for the index and the hits' labels
+    try:
+        index = GalleryIndex(stored.embeddings, gallery.manifest.metric, ids=stored.ids, model=gallery.manifest.model)
+    except SearchError as exc:
+        raise SearchError(f"embedding set {gallery.path}: {exc}") from None
+    result = search_set(index, queries, model.ref, k)
+    order = np.argsort(stored.ids, kind="stable")
+    labels = stored.labels[order[np.searchsorted(stored.ids, result.ids, sorter=order)]].astype(np.int64)
+    folder, classes, files = _image_sources(gallery)
+    return ImageSearch(model, gallery, result, labels, classes, files, folder)
+
+
+def _image_sources(gallery: EmbeddingSet) -> tuple[Path | None, tuple[str, ...], dict[int, str]]:
+    """(image folder, class names, item id -> file) from the set's ``sources.json``; (None, (), {}) without one.
+
+    Raises:
+        EmbeddingSetError: ``sources.json`` is present but unreadable.
+    """
+    path = gallery.path / SOURCES_FILE
+    if not path.is_file():
+        return None, (), {}
+    try:
+        data = json.loads(path.read_text())
+        return (Path(data["folder"]), tuple(str(name) for name in data["classes"]),
+                {int(item): str(file) for item, file in zip(data["item_ids"], data["files"], strict=True)})
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise EmbeddingSetError(f"cannot read {path}: {exc}") from None

@@ -25,15 +25,17 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fct_registry.onnx_boundary.contract import InputContract
 from fct_registry.onnx_boundary.embedding import embed_images
-from fct_registry.onnx_boundary.image_folder import ImageFolder
-from fct_registry.onnx_boundary.runtime import OnnxModel
 from fct_registry.registry.model_registry import ModelRegistry
 from fct_registry.registry.versions import RegisteredVersion, input_contract
+
+if TYPE_CHECKING:
+    from fct_registry.onnx_boundary.image_folder import ImageFolder
 
 CACHE_DIR = Path("registry") / "cache" / "features"
 """Feature cache folder, relative to the project root."""
@@ -103,6 +105,8 @@ def image_features(registry: ModelRegistry, version: RegisteredVersion, folder: 
         RuntimeInputError: the ONNX file does not load.
         DataError: the version's input contract is invalid, or an image cannot be decoded (path named).
     """
+    from fct_registry.onnx_boundary.runtime import OnnxModel  # onnxruntime, loaded only to embed
+
     model = OnnxModel(registry.onnx_path(version))
     contract = input_contract(version, model.input_shapes[model.input_names[0]])
     path = cache_path(registry.root, version, contract, fingerprint or folder_fingerprint(folder))

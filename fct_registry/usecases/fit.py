@@ -41,14 +41,12 @@ from fct_registry.core.config import TransformationParams, load_params
 from fct_registry.core.errors import ConfigError
 from fct_registry.core.refs import ModelRef
 from fct_registry.onnx_boundary.model_card import ModelCard
-from fct_registry.onnx_boundary.runtime import OnnxModel
 from fct_registry.registry.model_registry import ModelRegistry
 from fct_registry.registry.publishing import publish_model
 from fct_registry.registry.versions import RegisteredVersion
 from fct_registry.usecases.features import FeatureProgress, Features
 from fct_registry.usecases.fit_data import FitData, FitModels, image_data, pairs_data, resolve_models
 from fct_registry.usecases.project import PARAMS_FILE, load_settings
-from fct_registry.vectors.metrics import knn_overlap, retrieval_metrics
 
 if TYPE_CHECKING:
     from fct_registry.method.training import FeatureEpoch
@@ -119,6 +117,8 @@ def apply_onnx(onnx_path: str | os.PathLike, old: np.ndarray, side_info: np.ndar
     Raises:
         RuntimeInputError: the file does not load or the widths differ from its inputs.
     """
+    from fct_registry.onnx_boundary.runtime import OnnxModel  # onnxruntime, loaded only to run it
+
     model = OnnxModel(onnx_path)
     chunks = []
     for start in range(0, len(old), batch_rows):
@@ -140,6 +140,8 @@ def validation_metrics(onnx_path: str | os.PathLike, data: FitData, metric: str,
     Raises:
         SearchError: non-finite vectors (e.g. a diverged h).
     """
+    from fct_registry.vectors.metrics import knn_overlap, retrieval_metrics  # faiss, loaded only to validate
+
     old, side, new = data.val
     transformed = apply_onnx(onnx_path, old, side)
     metrics = {"knn_overlap": knn_overlap(new, transformed, metric, OVERLAP_K)}

@@ -11,18 +11,19 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from fct_registry.core.errors import ConfigError, DataError, RegistryError
-from fct_registry.onnx_boundary.image_folder import ImageFolder, scan_image_folder
 from fct_registry.registry.model_registry import ModelRegistry
 from fct_registry.registry.versions import RegisteredVersion
 from fct_registry.usecases.features import FeatureProgress, Features, folder_fingerprint, image_features
+
+if TYPE_CHECKING:
+    from fct_registry.onnx_boundary.image_folder import ImageFolder
 
 Triple = tuple[np.ndarray, np.ndarray | None, np.ndarray]
 """(old (N, d_old), side-info (N, d_side) or None, new (N, d_new)) float32 rows of the same items."""
@@ -127,6 +128,8 @@ def image_data(registry: ModelRegistry, models: FitModels, train: str | os.PathL
         DataError: a folder is missing, empty, mixes layouts, or an image cannot be decoded; too few items.
         RegistryError, RuntimeInputError: a model's ONNX file cannot be fetched or loaded.
     """
+    from fct_registry.onnx_boundary.image_folder import scan_image_folder  # Pillow, loaded only to read images
+
     train_folder = scan_image_folder(train)
     val_folder = scan_image_folder(val) if val is not None else None
     triple, used, fingerprint = _folder_triple(registry, models, train_folder, "train", progress)
@@ -167,6 +170,8 @@ def _vector_column(table: pa.Table, name: str, path: Path) -> np.ndarray:
         raise DataError(f"pairs file {path}: column {name!r} is {kind}; expected a list of floats per row")
     if column.null_count:
         raise DataError(f"pairs file {path}: column {name!r} has {column.null_count} null rows")
+    import pyarrow.compute as pc  # loaded only to read a pairs file
+
     lengths = np.unique(pc.list_value_length(column).to_numpy(zero_copy_only=False))
     values = column.flatten()
     if len(lengths) != 1 or values.null_count or not (pa.types.is_floating(values.type)

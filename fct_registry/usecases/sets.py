@@ -10,15 +10,13 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fct_registry.core.errors import DataError, EmbeddingSetError, RegistryError
 from fct_registry.core.refs import ModelRef
-from fct_registry.method.data import Split
 from fct_registry.onnx_boundary.embedding import embed_images
-from fct_registry.onnx_boundary.image_folder import ImageFolder, scan_image_folder
-from fct_registry.onnx_boundary.runtime import OnnxModel
 from fct_registry.registry.model_registry import ModelRegistry
 from fct_registry.registry.versions import RegisteredVersion, input_contract
 from fct_registry.vectors.batch import EmbeddingBatch, with_model
@@ -26,6 +24,11 @@ from fct_registry.vectors.embedding_set import EmbeddingSet, scan_embedding_sets
 from fct_registry.vectors.exporting import Export, Format, export_set
 from fct_registry.vectors.importing import Columns, VectorSource, open_source
 from fct_registry.vectors.set_writer import remove_path, write_embedding_set
+
+if TYPE_CHECKING:
+    from fct_registry.method.data import Split
+    from fct_registry.onnx_boundary.image_folder import ImageFolder
+    from fct_registry.onnx_boundary.runtime import OnnxModel
 
 SOURCES_FILE = "sources.json"
 """Sidecar of a set embedded from an image folder: ``{"folder": ..., "classes": [...], "item_ids": [...],
@@ -91,8 +94,8 @@ def build_gallery(split: Split, backbone: Path, backbone_ref: ModelRef, side_inf
     Raises:
         EmbeddingSetError: non-finite vectors or a bad output folder.
     """
-    embeddings = embed_images(OnnxModel(backbone), split.images)
-    side = embed_images(OnnxModel(side_info), split.images) if side_info is not None else None
+    embeddings = embed_images(_onnx_model(backbone), split.images)
+    side = embed_images(_onnx_model(side_info), split.images) if side_info is not None else None
     batch = EmbeddingBatch(split.item_ids, split.labels, embeddings, side, model=backbone_ref)
     lineage = [f"gallery embedded by {backbone_ref}" + (f" with side-info {side_info_ref}" if side_info_ref else "")]
     return write_embedding_set(out, [batch], backbone_ref, side_info_ref, metric=metric, lineage=lineage,
@@ -120,10 +123,17 @@ class SetModels:
     normalized: bool
 
 
+def _onnx_model(path: str | os.PathLike) -> OnnxModel:
+    """An ONNX Runtime session of ``path`` (onnxruntime is loaded here, when a model runs: listing needs none)."""
+    from fct_registry.onnx_boundary.runtime import OnnxModel
+
+    return OnnxModel(path)
+
+
 def _embedding_dim(registry: ModelRegistry, version: RegisteredVersion) -> int:
     value = version.tags.get("fct.embedding_dim")
     if value is None:
-        return OnnxModel(registry.onnx_path(version)).output_dim
+        return _onnx_model(registry.onnx_path(version)).output_dim
     try:
         return int(value)
     except ValueError:
@@ -290,7 +300,7 @@ def _images_embedded(folder: ImageFolder, models: SetModels, registry: ModelRegi
     embedders = []
     for version in (models.backbone, models.side_info):
         if version is not None:
-            model = OnnxModel(registry.onnx_path(version))
+            model = _onnx_model(registry.onnx_path(version))
             embedders.append((model, input_contract(version, model.input_shapes[model.input_names[0]])))
     streams = {}
     for _, contract in embedders:
@@ -337,6 +347,8 @@ def embed_folder(registry: ModelRegistry, image_dir: str | os.PathLike, models: 
         RegistryError: a model's ONNX file cannot be fetched; RuntimeInputError: it cannot be loaded.
         EmbeddingSetError: ``out`` exists (without ``overwrite``).
     """
+    from fct_registry.onnx_boundary.image_folder import scan_image_folder  # Pillow, loaded only to embed images
+
     folder = scan_image_folder(image_dir)
     root = folder.root.resolve()
     sources = {"folder": str(root), "classes": list(folder.classes), "item_ids": list(range(len(folder))),

@@ -25,7 +25,13 @@ def mlflow_ui_command(registry: ModelRegistry, host: str, port: int) -> tuple[li
     Returns:
         ``(argv, env)`` for :class:`subprocess.Popen`; ``env`` is this process's environment plus
         ``MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false``.
+
+    Raises:
+        ConfigError: the registry is already a tracking server (an ``http(s)://`` URI): its own address is the UI.
     """
+    if registry.tracking_uri.startswith(("http://", "https://")):
+        raise ConfigError(f"the registry is the MLflow server at {registry.tracking_uri}, which serves the UI "
+                          "itself; open that address in a browser instead of running `fct-registry ui`")
     argv = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", registry.tracking_uri,
             "--host", host, "--port", str(port), "--workers", "1"]
     return argv, {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}

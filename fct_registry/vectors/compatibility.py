@@ -1,5 +1,5 @@
 """The compatibility table: every (query model, gallery) case of FCT's evaluation, aggregated over seeds,
-written as a Markdown table and a bar chart.
+written as a Markdown table (the charts are in :mod:`fct_registry.vectors.plots`).
 
 Cases are named ``<query>_vs_<gallery>`` (FCT, Ramanujan et al., CVPR 2022, Table 1): ``old_vs_old``,
 ``new_vs_new``, ``new_vs_old``, ``bct_vs_old``, ``bct_vs_bct``, ``new_vs_upgraded_noside``,
@@ -8,9 +8,7 @@ Cases are named ``<query>_vs_<gallery>`` (FCT, Ramanujan et al., CVPR 2022, Tabl
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
 
@@ -51,6 +49,22 @@ def summary(cases: dict[str, Metrics]) -> dict[str, float]:
     return out
 
 
+def headline(cases: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    """The few numbers ``dvc metrics show`` prints (``metrics/fct.json``): FCT's cross-model CMC top-1 and mAP
+    (``new_vs_upgraded``, mean over seeds of h) and the share of the old->new gap each closes (fractions).
+
+    Keys: ``top1``, ``map``, ``top1_gap_closed``, ``map_gap_closed``.
+
+    Raises:
+        KeyError: ``old_vs_old``, ``new_vs_new`` or ``new_vs_upgraded`` is missing.
+        SearchError: new/new equals old/old (no gap to close).
+    """
+    old, new, fct = cases["old_vs_old"], cases["new_vs_new"], cases["new_vs_upgraded"]
+    return {"top1": fct["cmc_top1"], "map": fct["map"],
+            "top1_gap_closed": gap_closed(old["cmc_top1"], new["cmc_top1"], fct["cmc_top1"]),
+            "map_gap_closed": gap_closed(old["map"], new["map"], fct["map"])}
+
+
 def compatibility_table(cases: Mapping[str, Mapping[str, float]]) -> str:
     """Markdown table, one row per case (e.g. ``old_vs_old``, ``new_vs_upgraded``), one column per metric.
 
@@ -87,41 +101,6 @@ def gap_closed(old: float, new: float, fct: float) -> float:
     if new == old:
         raise SearchError(f"new == old == {old}: there is no gap to close")
     return (fct - old) / (new - old)
-
-
-def plot_cases(cases: Mapping[str, Mapping[str, float]], path: str | os.PathLike) -> Path:
-    """Grouped bar chart (PNG) of the cases' metrics: one group per case, one bar per metric, y in [0, 1].
-
-    Rendered with matplotlib's Agg canvas (no display, no global backend change); parent dirs are created.
-
-    Args:
-        cases: ``{case name: {metric key: fraction}}``; a missing metric leaves a gap.
-        path: output file, written as PNG.
-
-    Returns:
-        ``path`` as a Path.
-
-    Raises:
-        SearchError: ``cases`` is empty.
-    """
-    from matplotlib.figure import Figure
-
-    names = _metric_names(cases)
-    width = 0.8 / len(names)
-    positions = np.arange(len(cases))
-    fig = Figure(figsize=(max(4.0, 1.5 * len(cases)), 3.5), layout="constrained")
-    ax = fig.add_subplot()
-    for i, name in enumerate(names):
-        heights = [values.get(name, np.nan) for values in cases.values()]
-        ax.bar(positions + (i - (len(names) - 1) / 2) * width, heights, width, label=name)
-    ax.set_xticks(positions, list(cases), rotation=20)
-    ax.set_ylim(0.0, 1.0)
-    ax.set_ylabel("fraction")
-    ax.legend(fontsize="small")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", dpi=120)
-    return path
 
 
 def _metric_names(cases: Mapping[str, Mapping[str, float]]) -> list[str]:

@@ -103,8 +103,10 @@ def test_gallery_and_upgraded_set_carry_the_right_versions(repo):
     upgraded = EmbeddingSet.open(repo / "embeddings/gallery_v1@v3")
     assert upgraded.manifest.model == read_model_card(repo / "models/v3").ref
     assert upgraded.manifest.dim == 128 and upgraded.read().ids.tolist() == gallery.read().ids.tolist()
-    report = json.loads((repo / "metrics/upgrade.json").read_text())
-    assert len(report["chain"]) == 2
+    report = json.loads((repo / "reports/upgrade.json").read_text())
+    assert len(report["chain"]) == 2 and report["count"] == 150
+    metrics = json.loads((repo / "metrics/upgrade.json").read_text())
+    assert metrics["upgraded_rows"] == 150 and metrics["upgraded_map"] == report["v3_vs_stored_upgraded"]["map"]
 
 
 def test_retrieval_metrics_cover_every_case(repo):

@@ -24,6 +24,7 @@ from fct_registry.onnx_boundary.embedding import embed_images
 from fct_registry.onnx_boundary.images import read_image
 from fct_registry.onnx_boundary.runtime import OnnxModel
 from fct_registry.registry.mlflow_store import default_tracking_uri
+from fct_registry.registry.model_registry import ModelRegistry
 from fct_registry.registry.versions import file_sha256
 from fct_registry.usecases import evaluate, models, project, promote, sets, ui, upgrade
 from fct_registry.vectors.embedding_set import EmbeddingSet
@@ -180,6 +181,11 @@ def test_lineage_and_listings(world):
     (entry,) = listing.entries
     assert entry.backbone.ref == v["v1"].ref and entry.embedding_set.manifest.count == 50
     assert listing.invalid == [] and listing.unfinished == []
+
+
+def test_mlflow_ui_of_a_tracking_server_is_its_own_address(tmp_path):
+    with pytest.raises(ConfigError, match="^the registry is the MLflow server at http://127.0.0.1:5999, which serves"):
+        ui.mlflow_ui_command(ModelRegistry(tmp_path, tracking_uri="http://127.0.0.1:5999"), "127.0.0.1", 5123)
 
 
 def test_mlflow_ui_command_uses_one_worker_without_job_execution(world):

@@ -1,4 +1,4 @@
-"""CMC / mAP against hand-computed values and a plain Python loop; table, gap and plot."""
+"""CMC / mAP against hand-computed values and a plain Python loop; table, gap and headline."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from fct_registry.core.errors import SearchError
-from fct_registry.vectors.compatibility import compatibility_table, gap_closed, plot_cases
+from fct_registry.vectors.compatibility import compatibility_table, gap_closed, headline
 from fct_registry.vectors.metrics import knn_overlap, retrieval_metrics
 
 
@@ -173,13 +173,12 @@ def test_gap_closed_on_paper_numbers():
         gap_closed(0.5, 0.5, 0.6)
 
 
-def test_plot_cases_writes_png(tmp_path):
-    path = plot_cases(CASES, tmp_path / "plots" / "cases.png")
-    data = path.read_bytes()
-    assert path == tmp_path / "plots" / "cases.png"
-    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
-    with pytest.raises(SearchError, match="cases is empty"):
-        plot_cases({}, tmp_path / "empty.png")
+def test_headline_is_fct_and_the_share_of_the_gap_it_closes():
+    cases = CASES | {"new_vs_upgraded": {"cmc_top1": 0.651, "map": 0.440, "cmc_top1_std": 0.01}}
+    assert headline(cases) == pytest.approx({"top1": 0.651, "map": 0.440, "top1_gap_closed": 18.7 / 22.0,
+                                             "map_gap_closed": 15.7 / 17.3})
+    with pytest.raises(KeyError):
+        headline(CASES)  # new_vs_upgraded has no mAP
 
 
 def knn_overlap_by_loop(new: np.ndarray, transformed: np.ndarray, k: int) -> float:
