@@ -46,6 +46,7 @@ demo: setup                       ## the main job: dvc repro, then the retrieval
 	$(RUN) dvc repro
 	@cat reports/retrieval.md
 	@$(BIN)/python -c "import json; print(json.dumps(json.load(open('metrics/retrieval.json'))['summary'], indent=2))"
+	@echo "chart: reports/retrieval.png (dvc plots show renders every chart into dvc_plots/index.html)"
 
 quick: setup                      ## a first look in a few minutes (fewer images, 1 epoch), as a DVC experiment
 	$(RUN) dvc exp run $(QUICK)

@@ -28,7 +28,7 @@ from fct_registry.core.errors import RegistryError
 from fct_registry.core.refs import ModelRef
 from fct_registry.registry.onnx_io import OnnxIO
 from fct_registry.registry.sqlite_reader import SqliteReader, interrupted_migration_tables
-from fct_registry.registry.versions import RegisteredVersion, format_tags, version_from_tags
+from fct_registry.registry.versions import RegisteredVersion, format_tags, has_identity, version_from_tags
 
 EXPERIMENT_NAME = "fct-registry"
 DB_FILE = "mlflow.db"
@@ -86,7 +86,7 @@ class MlflowStore:
         read = self._reader.search_versions(filter_string) if self._reader is not None else None
         if read is not None:
             return read
-        return [_to_version(mv) for mv in self.client.search_model_versions(filter_string)]
+        return [_to_version(mv) for mv in self.client.search_model_versions(filter_string) if has_identity(mv.tags)]
 
     def aliases(self, name: str) -> dict[str, int]:
         """``{alias: version number}`` of a registered model (read without mlflow when the store's reader can)."""
@@ -267,10 +267,16 @@ def set_descriptions(store: MlflowStore, name: str, model_text: str, version_tex
     """Set the Markdown descriptions of the registered model ``name`` and of its versions (only those that differ)."""
     if (store.client.get_registered_model(name).description or "") != model_text:
         store.client.update_registered_model(name, description=model_text)
+    from mlflow.exceptions import MlflowException
+
     for mv in store.client.search_model_versions(f"name = '{name}'"):
         text = version_texts.get(int(mv.version))
         if text is not None and (mv.description or "") != text:
-            store.client.update_model_version(name, mv.version, description=text)
+            try:
+                store.client.update_model_version(name, mv.version, description=text)
+            except MlflowException as e:  # deleted meanwhile by another process (a duplicate it registered)
+                if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+                    raise
 
 
 def keep_run_files(store: MlflowStore, kind: str, run_name: str, digest: str, write: Callable[[Path], None],

@@ -28,7 +28,7 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import TypeVar
 
-from fct_registry.registry.versions import RegisteredVersion, version_from_tags
+from fct_registry.registry.versions import RegisteredVersion, has_identity, version_from_tags
 
 KNOWN_SCHEMA_HEADS = frozenset({"dc11669786a5"})
 """Alembic revisions of MLflow's schema whose tables and columns this reader was written for: the head of MLflow
@@ -79,7 +79,8 @@ class SqliteReader:
             return [(name, version, tags[version]) for name, version in found]
 
         rows = self._read(query)
-        return None if rows is None else [version_from_tags(name, version, tags) for name, version, tags in rows]
+        return None if rows is None else [version_from_tags(name, version, tags) for name, version, tags in rows
+                                          if has_identity(tags)]
 
     def aliases(self, name: str) -> dict[str, int] | None:
         """``{alias: version number}`` of a registered model, as ``MlflowClient.get_registered_model`` gives them;

@@ -131,6 +131,13 @@ def version_from_tags(name: str, version: int | str, tags: Mapping[str, str], al
                              aliases=tuple(sorted(aliases)))
 
 
+def has_identity(tags: Mapping[str, str]) -> bool:
+    """False for a version that carries none of the identity tags: one another process is creating (MLflow adds a
+    new version's tags after its row) or deleting at this moment, or one not made by fct-registry. Listings skip
+    such versions; a version with only some of them is an error (:func:`version_from_tags`)."""
+    return any(key in tags for key in IDENTITY_TAGS)
+
+
 def require_tags(tags: Mapping[str, str], keys: Iterable[str], what: str) -> None:
     """Raise RegistryError naming ``what`` and every key of ``keys`` missing from ``tags``."""
     missing = [k for k in keys if k not in tags]

@@ -90,7 +90,7 @@ def test_eight_processes_on_a_fresh_project_register_and_read_together(tmp_path,
 
 def test_the_same_bytes_registered_by_four_processes_at_once_give_one_version(tmp_path, backbones):
     outcomes = in_lock_step([[register(tmp_path, backbones[0], "b0")] for _ in range(4)])
-    assert [code for _, _, code, _, _ in outcomes] == [0] * 4, outcomes
+    assert [code for _, _, code, _, _ in outcomes] == [0] * 4, [err for *_, err in outcomes]
     (version,) = ModelRegistry(tmp_path).versions("backbone")
     assert version.ref.label == "b0" and {out.split(":")[0] for *_, out, _ in outcomes} == {
         f"registered fct-backbone/{version.version}"}

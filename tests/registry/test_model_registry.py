@@ -210,3 +210,16 @@ def test_log_run_records_params_tags_metrics_and_artifacts(registry: ModelRegist
     assert run.data.metrics == {"rows": 10.0}
     assert sorted(a.path for a in client.list_artifacts(run_id)) == ["out-set", "plan.txt"]
     assert [a.path for a in client.list_artifacts(run_id, "out-set")] == ["out-set/manifest.json"]
+
+
+def test_a_version_without_identity_tags_is_not_listed_and_a_partial_one_is_an_error(
+        registry: ModelRegistry, client: MlflowClient, tmp_path: Path):
+    ref = scaled_identity(tmp_path / "a.onnx", "v1", 1.0)
+    first = registry.register(tmp_path / "a.onnx", "backbone", ref)
+    # what another process's version looks like between its row and its tags (or during its deletion)
+    name = registry.model_name("backbone")
+    bare = client.create_model_version(name, source=client.get_model_version_download_uri(name, str(first.version)))
+    assert [v.version for v in registry.versions("backbone")] == [first.version]
+    client.set_model_version_tag(name, bare.version, "fct.role", "backbone")
+    with pytest.raises(RegistryError, match=f"{name}/{bare.version} lacks tags fct.label, fct.sha256"):
+        registry.versions("backbone")
