@@ -48,7 +48,8 @@ keys = ("cmc_top1", "cmc_top5", "map")
 for label, case in transformations.items():
     # The registered file is seed `seed`: its tags carry that seed's own scores; the spread over seeds goes apart.
     own = per_seed[case][str(seed)] if case in per_seed else cases[case]
-    spread = {"seeds": params.transformation.seeds, **{f"{k}_mean": cases[case][k] for k in keys},
+    spread = {"seeds": params.transformation.seeds if case in per_seed else [seed],
+              **{f"{k}_mean": cases[case][k] for k in keys},
               **{f"{k}_std": cases[case][f"{k}_std"] for k in keys if f"{k}_std" in cases[case]}}
     version = publish_model(registry, f"models/transformations/{label}/seed{seed}", params.evaluation.metric,
                             data_hash, commit, {"transformation": dump["transformation"], "seed": seed},

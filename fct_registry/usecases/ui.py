@@ -44,20 +44,22 @@ UI_STOP_GRACE_S = 10
 def run_mlflow_ui(registry: ModelRegistry, host: str = "127.0.0.1", port: int = 5000) -> int:
     """Run the MLflow UI over the registry until it exits, Ctrl-C or SIGTERM; then stop its whole process group.
 
-    Must run in the main thread (it handles SIGTERM for the duration).
+    Must run in the main thread (it handles SIGINT and SIGTERM for the duration).
 
     Returns:
         The server's exit code, or 0 when stopped by Ctrl-C / SIGTERM.
     """
     argv, env = mlflow_ui_command(registry, host, port)
     process = subprocess.Popen(argv, env=env, start_new_session=True)
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    # Both signals stop it, even where SIGINT was inherited as ignored (a command started with `&` by a script).
+    previous = {number: signal.signal(number, _interrupt) for number in (signal.SIGINT, signal.SIGTERM)}
     try:
         return process.wait()
     except KeyboardInterrupt:
         return 0
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGTERM)
             try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import socket
@@ -267,4 +268,6 @@ def test_ui_serves_the_registry_and_stops_cleanly_on_ctrl_c(world, tmp_path):
         assert alive == [], (tmp_path / "ui.log").read_text()
     finally:
         if ui.poll() is None:
-            ui.kill()
+            for process in [*psutil.Process(ui.pid).children(recursive=True), psutil.Process(ui.pid)]:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    process.kill()

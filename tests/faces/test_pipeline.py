@@ -106,7 +106,7 @@ def test_gallery_and_upgraded_set_carry_the_right_versions(repo):
     report = json.loads((repo / "reports/upgrade.json").read_text())
     assert len(report["chain"]) == 2 and report["count"] == 150
     metrics = json.loads((repo / "metrics/upgrade.json").read_text())
-    assert metrics["upgraded_rows"] == 150 and metrics["upgraded_map"] == report["v3_vs_stored_upgraded"]["map"]
+    assert metrics["rows"] == 150 and metrics["map"] == report["v3_vs_stored_upgraded"]["map"]
 
 
 def test_retrieval_metrics_cover_every_case(repo):

@@ -8,6 +8,7 @@ the screenshot (the README's docs/img/mlflow_version.png is made this way).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import factories
 import numpy as np
+import psutil
 import pytest
 from PIL import Image
 
@@ -101,8 +103,11 @@ def test_a_transformation_page_shows_its_description_lineage_and_signature(world
         if os.environ.get("FCT_UI_SCREENSHOT"):
             shutil.copy(shot, os.environ["FCT_UI_SCREENSHOT"])
     finally:
+        server = psutil.Process(ui.pid).children(recursive=True)
         ui.send_signal(signal.SIGINT)
         try:
-            ui.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            ui.kill()
+            assert ui.wait(timeout=30) == 0
+        finally:
+            for process in [psutil.Process(ui.pid), *server] if ui.poll() is None else server:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    process.kill()
