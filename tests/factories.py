@@ -75,6 +75,17 @@ T = TypeVar("T")
 _SESSION: dict[tuple[Path, str], Any] = {}
 
 
+def striped_split(n: int, seed: int = 0) -> Split:
+    """``n`` 28x28 grayscale images whose class (0..3) is which quarter of the rows is bright: trivially
+    separable, for training loops that must learn something in a few steps (seeded)."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 4, n)
+    images = rng.integers(0, 40, (n, 1, 28, 28)).astype(np.uint8)
+    for i, c in enumerate(labels):
+        images[i, 0, 7 * c:7 * c + 7] = 250
+    return Split(images, labels.astype(np.int64), np.arange(n, dtype=np.int64))
+
+
 def make_splits(seed: int = 0) -> dict[str, Split]:
     """Train (20) and test (50) splits: images (N, 1, 28, 28) uint8, a noisy template per class, labels 0..4.
 

@@ -4,20 +4,11 @@ what is trained (the pipeline is bit-for-bit reproducible, and it now prints one
 import numpy as np
 import pytest
 import torch
+from factories import striped_split
 
 from fct_registry.core.config import BackboneParams, SideInfoParams
 from fct_registry.method.data import Split
 from fct_registry.method.training import synthesise_classifier, train_backbone, train_side_info
-
-
-def _split(n: int = 48, seed: int = 0) -> Split:
-    """Tiny 4-class images whose class is a bright band of rows (seeded)."""
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, 4, n)
-    images = rng.integers(0, 40, (n, 1, 28, 28)).astype(np.uint8)
-    for i, c in enumerate(labels):
-        images[i, 0, 7 * c:7 * c + 7] = 250
-    return Split(images, labels.astype(np.int64), np.arange(n, dtype=np.int64))
 
 
 def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
@@ -29,7 +20,7 @@ def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
 
 @pytest.mark.parametrize("augment", [True, False])
 def test_train_backbone_with_on_epoch_gives_bit_identical_weights_and_one_call_per_epoch(augment):
-    split = _split()
+    split = striped_split(48)
     params = BackboneParams(version="t", arch="small_cnn", width=4, embedding_dim=8, epochs=2, batch_size=16,
                             augment=augment)
     calls = []
@@ -47,7 +38,7 @@ def test_train_backbone_with_on_epoch_gives_bit_identical_weights_and_one_call_p
 
 
 def test_bct_training_with_on_epoch_is_bit_identical():
-    split = _split(seed=1)
+    split = striped_split(48, seed=1)
     params = BackboneParams(version="t", arch="small_cnn", width=4, embedding_dim=8, epochs=1, batch_size=16)
     old, _ = train_backbone(Split(split.images, split.labels % 2, split.item_ids), 2, params, seed=0)
     head = synthesise_classifier(old, split, [0, 1], 4)
@@ -61,7 +52,7 @@ def test_bct_training_with_on_epoch_is_bit_identical():
 
 
 def test_train_side_info_with_on_epoch_gives_bit_identical_weights_and_one_call_per_epoch():
-    split = _split(n=32)
+    split = striped_split(32)
     params = SideInfoParams(version="s", embedding_dim=6, projection_dim=4, width=4, epochs=2, batch_size=16)
     calls = []
     plain, plain_metrics = train_side_info(split, params, seed=2)

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from factories import striped_split
 
 from fct_registry.core.config import BackboneParams, SideInfoParams, TransformationParams
 from fct_registry.method.data import Split
@@ -16,16 +17,6 @@ from fct_registry.method.training import (
     train_side_info,
     train_transformation,
 )
-
-
-def _stripes(n, seed=0):
-    """Images whose class (0..3) is which quarter of the rows is bright: trivially separable."""
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, 4, n)
-    images = rng.integers(0, 40, (n, 1, 28, 28)).astype(np.uint8)
-    for i, c in enumerate(labels):
-        images[i, 0, 7 * c:7 * c + 7] = 250
-    return Split(images, labels.astype(np.int64), np.arange(n, dtype=np.int64))
 
 
 @torch.no_grad()
@@ -66,7 +57,7 @@ def test_transformation_without_side_info_cannot_recover_what_only_side_info_hol
 
 
 def test_backbone_learns_separable_classes_and_is_reproducible():
-    split = _stripes(512)
+    split = striped_split(512)
     params = BackboneParams(version="t", arch="small_cnn", width=4, embedding_dim=8, epochs=4, batch_size=64, lr=5e-3,
                             augment=False)
     model, metrics = train_backbone(split, 4, params, seed=3)
@@ -84,7 +75,7 @@ def test_embed_keeps_a_last_batch_of_one():
 
 
 def test_side_info_training_runs_without_labels():
-    split = _stripes(128)
+    split = striped_split(128)
     unlabeled = Split(split.images, np.full(128, -1, np.int64), split.item_ids)
     model, metrics = train_side_info(unlabeled, SideInfoParams(width=4, embedding_dim=8, projection_dim=4, epochs=1,
                                                                batch_size=32), seed=0)
@@ -92,7 +83,7 @@ def test_side_info_training_runs_without_labels():
 
 
 def test_synthesised_classifier_keeps_old_rows_and_adds_class_means():
-    split = _stripes(256)
+    split = striped_split(256)
     old = Classifier(Backbone("small_cnn", 6, width=4), 2).eval()
     head = synthesise_classifier(old, split, old_classes=[0, 1], n_classes=4)
     assert head.weight.shape == (4, 6) and not head.weight.requires_grad
