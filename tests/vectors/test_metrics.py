@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
+from metric_oracle import float_score, oracle_metrics
 
 from fct_registry.core.errors import SearchError
 from fct_registry.vectors.compatibility import compatibility_table, gap_closed, headline
@@ -13,32 +12,9 @@ from fct_registry.vectors.metrics import knn_overlap, retrieval_metrics
 
 
 def reference_metrics(queries, query_labels, gallery, gallery_labels, metric, query_ids, gallery_ids, top_k):
-    """The protocol written as a plain loop over queries, with float64 Python arithmetic."""
-    hits = dict.fromkeys(top_k, 0)
-    ap_sum = 0.0
-    for i, query in enumerate(queries):
-        ranked = []
-        for j, item in enumerate(gallery):
-            if query_ids is not None and gallery_ids[j] == query_ids[i]:
-                continue
-            if metric == "l2":
-                score = -math.dist(query, item)
-            else:
-                score = sum(a * b for a, b in zip(query, item, strict=False)) / (math.hypot(*query) * math.hypot(*item))
-            ranked.append((-score, j))  # ascending: best first, then lower gallery position
-        ranked.sort()
-        found, precisions, first = 0, [], None
-        for rank, (_, j) in enumerate(ranked, start=1):
-            if gallery_labels[j] == query_labels[i]:
-                found += 1
-                precisions.append(found / rank)
-                first = rank if first is None else first
-        for k in top_k:
-            hits[k] += first is not None and first <= k
-        ap_sum += sum(precisions) / len(precisions) if precisions else 0.0
-    result = {f"cmc_top{k}": hits[k] / len(queries) for k in top_k}
-    result["map"] = ap_sum / len(queries)
-    return result
+    """The protocol as a plain loop over queries, with float64 Python arithmetic."""
+    return oracle_metrics(queries, query_labels, gallery, gallery_labels, metric, query_ids, gallery_ids, top_k,
+                          float_score)
 
 
 def test_top1_and_top5_differ_on_built_case():

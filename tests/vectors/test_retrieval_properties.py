@@ -1,10 +1,6 @@
 """Property-based tests: CMC top-k, mAP and top-k search equal a plain-Python-loop oracle of the documented protocol.
 
-The oracle (``oracle_metrics``) is the protocol of :mod:`fct_registry.vectors.metrics` written out: the query's own
-item (same id) is dropped, the gallery is ranked by descending score with equal scores in gallery order (lower
-position first), an item is relevant iff its label equals the query's, CMC top-k counts queries whose first
-relevant item has rank <= k, AP is the mean over relevant items of (relevant items at or above it) / (its rank),
-and a query without relevant items is a miss with AP 0 that stays in the denominators.
+The oracle is :func:`metric_oracle.oracle_metrics`, the protocol written out as a plain loop.
 
 Ties are the point, so the first family of inputs is built to make the implementation's float32 arithmetic exact:
 for ``l2`` small integer vectors (squared distances are small integers), for ``cosine`` signed one-hot and
@@ -16,61 +12,17 @@ The second family is random float vectors with exact duplicates, ranked by the o
 from __future__ import annotations
 
 import math
-from fractions import Fraction
 
 import numpy as np
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from metric_oracle import exact_score, float_score, oracle_metrics
 
 from fct_registry.vectors.metrics import retrieval_metrics
 from fct_registry.vectors.search import GalleryIndex
 
 SETTINGS = settings(max_examples=80, deadline=None, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
-
-
-def exact_score(query: list, item: list, metric: str) -> Fraction:
-    """Larger is better: minus the squared Euclidean distance (same order as minus the distance), or the cosine of
-    two integer vectors whose squared norms are perfect squares (exact as a fraction)."""
-    if metric == "l2":
-        return -Fraction(sum((a - b) ** 2 for a, b in zip(query, item, strict=True)))
-    norms = math.isqrt(sum(a * a for a in query)) * math.isqrt(sum(b * b for b in item))
-    return Fraction(sum(a * b for a, b in zip(query, item, strict=True)), norms)
-
-
-def float_score(query: list, item: list, metric: str) -> float:
-    """Larger is better, in float64: minus the Euclidean distance, or the cosine similarity."""
-    if metric == "l2":
-        return -math.dist(query, item)
-    dot = sum(a * b for a, b in zip(query, item, strict=True))
-    return dot / (math.hypot(*query) * math.hypot(*item))
-
-
-def oracle_metrics(queries, query_labels, gallery, gallery_labels, metric, query_ids, gallery_ids, top_k, score):
-    """The documented protocol as a plain loop over queries and gallery items."""
-    hits = dict.fromkeys(top_k, 0)
-    ap_sum = 0.0
-    for i, query in enumerate(queries):
-        ranked = []
-        for j, item in enumerate(gallery):
-            if query_ids is not None and gallery_ids[j] == query_ids[i]:
-                continue  # the query's own item
-            ranked.append((score(query, item, metric), j))
-        ranked.sort(key=lambda pair: (-pair[0], pair[1]))  # best first; equal scores: lower gallery position first
-        found, precisions, first = 0, [], None
-        for rank, (_, j) in enumerate(ranked, start=1):
-            if gallery_labels[j] == query_labels[i]:
-                found += 1
-                precisions.append(found / rank)
-                if first is None:
-                    first = rank
-        for k in top_k:
-            if first is not None and first <= k:
-                hits[k] += 1
-        ap_sum += sum(precisions) / len(precisions) if precisions else 0.0
-    result = {f"cmc_top{k}": hits[k] / len(queries) for k in top_k}
-    result["map"] = ap_sum / len(queries)
-    return result
 
 
 @st.composite
