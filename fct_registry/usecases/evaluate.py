@@ -7,7 +7,6 @@ command of the CLI does) stays cheap for the listings.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -16,16 +15,15 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fct_registry.core.errors import DataError, EmbeddingSetError, SearchError
+from fct_registry.core.errors import DataError, SearchError
 from fct_registry.registry.model_registry import ModelRegistry
 from fct_registry.registry.versions import RegisteredVersion, input_contract
-from fct_registry.usecases.project import sets_under
+from fct_registry.usecases.project import image_sources, sets_under
 from fct_registry.vectors.embedding_set import EmbeddingSet, require_same_model
 
 if TYPE_CHECKING:
     from fct_registry.vectors.search import SearchResult
 
-SOURCES_FILE = "sources.json"
 """The sidecar that ``sets embed`` writes beside a set made from an image folder (``fct_registry.usecases.sets``,
 which this use case may not import): ``{"folder", "classes", "item_ids", "files"}``."""
 
@@ -163,22 +161,7 @@ def search_images(registry: ModelRegistry, images: Sequence[str | os.PathLike], 
     result = search_set(index, queries, model.ref, k)
     order = np.argsort(stored.ids, kind="stable")
     labels = stored.labels[order[np.searchsorted(stored.ids, result.ids, sorter=order)]].astype(np.int64)
-    folder, classes, files = _image_sources(gallery)
-    return ImageSearch(model, gallery, result, labels, classes, files, folder)
-
-
-def _image_sources(gallery: EmbeddingSet) -> tuple[Path | None, tuple[str, ...], dict[int, str]]:
-    """(image folder, class names, item id -> file) from the set's ``sources.json``; (None, (), {}) without one.
-
-    Raises:
-        EmbeddingSetError: ``sources.json`` is present but unreadable.
-    """
-    path = gallery.path / SOURCES_FILE
-    if not path.is_file():
-        return None, (), {}
-    try:
-        data = json.loads(path.read_text())
-        return (Path(data["folder"]), tuple(str(name) for name in data["classes"]),
-                {int(item): str(file) for item, file in zip(data["item_ids"], data["files"], strict=True)})
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise EmbeddingSetError(f"cannot read {path}: {exc}") from None
+    sources = image_sources(gallery)
+    if sources is None:
+        return ImageSearch(model, gallery, result, labels, (), {}, None)
+    return ImageSearch(model, gallery, result, labels, sources.classes, sources.files, sources.folder)

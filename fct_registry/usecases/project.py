@@ -6,6 +6,7 @@ Shared by the use-case modules; model versions are named as in :meth:`ModelRegis
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,3 +85,41 @@ def sets_under(sets_root: str | os.PathLike) -> list[EmbeddingSet]:
     """The valid sets under ``sets_root`` sorted by path (manifests only, shards not verified; an invalid set is
     skipped, see ``fct-registry sets list``); none if it is missing."""
     return scan_embedding_sets(sets_root).sets
+
+
+SOURCES_FILE = "sources.json"
+"""Sidecar of a set embedded from an image folder: ``{"folder": ..., "classes": [...], "item_ids": [...],
+"files": [...]}`` (item ``item_ids[i]`` is the image ``folder/files[i]``)."""
+
+
+@dataclass(frozen=True)
+class ImageSources:
+    """Where the items of a set embedded from an image folder came from (its ``sources.json``).
+
+    Attributes:
+        folder: the image folder (absolute).
+        classes: class folder names (label = index), empty for a flat folder.
+        files: item id -> the image's path relative to ``folder``.
+    """
+
+    folder: Path
+    classes: tuple[str, ...]
+    files: dict[int, str]
+
+
+def image_sources(embedding_set: EmbeddingSet) -> ImageSources | None:
+    """The image of each item of a set embedded from an image folder (``fct-registry sets embed``); None for
+    other sets.
+
+    Raises:
+        EmbeddingSetError: ``sources.json`` is present but unreadable.
+    """
+    path = embedding_set.path / SOURCES_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        return ImageSources(Path(data["folder"]), tuple(str(name) for name in data["classes"]),
+                            {int(item): str(file) for item, file in zip(data["item_ids"], data["files"], strict=True)})
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise EmbeddingSetError(f"cannot read {path}: {exc}") from None

@@ -14,11 +14,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fct_registry.core.errors import DataError, EmbeddingSetError, RegistryError
+from fct_registry.core.errors import DataError, RegistryError
 from fct_registry.core.refs import ModelRef
 from fct_registry.onnx_boundary.embedding import embed_images
 from fct_registry.registry.model_registry import ModelRegistry
 from fct_registry.registry.versions import RegisteredVersion, input_contract
+from fct_registry.usecases.project import SOURCES_FILE
 from fct_registry.vectors.batch import EmbeddingBatch, with_model
 from fct_registry.vectors.embedding_set import EmbeddingSet, scan_embedding_sets
 from fct_registry.vectors.exporting import Export, Format, export_set
@@ -30,9 +31,6 @@ if TYPE_CHECKING:
     from fct_registry.onnx_boundary.image_folder import ImageFolder
     from fct_registry.onnx_boundary.runtime import OnnxModel
 
-SOURCES_FILE = "sources.json"
-"""Sidecar of a set embedded from an image folder: ``{"folder": ..., "classes": [...], "item_ids": [...],
-"files": [...]}`` (item ``item_ids[i]`` is the image ``folder/files[i]``)."""
 Progress = Callable[[int, int], None]
 """Called with (items done, items in all) after each batch."""
 
@@ -263,38 +261,6 @@ def export(embedding_set: EmbeddingSet, out: str | os.PathLike, format: Format, 
 # ----- embed an image folder ----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class ImageSources:
-    """Where the items of a set embedded from an image folder came from (its ``sources.json``).
-
-    Attributes:
-        folder: the image folder (absolute).
-        classes: class folder names (label = index), empty for a flat folder.
-        files: item id -> the image's path relative to ``folder``.
-    """
-
-    folder: Path
-    classes: tuple[str, ...]
-    files: dict[int, str]
-
-
-def image_sources(embedding_set: EmbeddingSet) -> ImageSources | None:
-    """The image of each item of a set made by :func:`embed_folder`; None for other sets.
-
-    Raises:
-        EmbeddingSetError: ``sources.json`` is present but unreadable.
-    """
-    path = embedding_set.path / SOURCES_FILE
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text())
-        return ImageSources(Path(data["folder"]), tuple(data["classes"]),
-                            dict(zip(data["item_ids"], data["files"], strict=True)))
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise EmbeddingSetError(f"cannot read {path}: {exc}") from None
-
-
 def _images_embedded(folder: ImageFolder, models: SetModels, registry: ModelRegistry, batch_size: int,
                      progress: Progress | None) -> Iterator[EmbeddingBatch]:
     embedders = []
@@ -328,7 +294,8 @@ def embed_folder(registry: ModelRegistry, image_dir: str | os.PathLike, models: 
     Images are found and labelled by :func:`~fct_registry.onnx_boundary.image_folder.scan_image_folder` (class
     folders give labels 0, 1, ...; a flat folder -1); item ids are their positions in the sorted file list. Each
     model gets the images prepared by its own input contract (``fct.input_contract`` tag). The set records the
-    folder in its lineage and every item's image in ``sources.json`` (:func:`image_sources`).
+    folder in its lineage and every item's image in ``sources.json`` (read back by
+    :func:`~fct_registry.usecases.project.image_sources`).
 
     Args:
         registry: the registry holding the models' ONNX files.

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from fct_registry.cli.app import app
 from fct_registry.onnx_boundary.embedding import embed_images
 from fct_registry.onnx_boundary.runtime import OnnxModel
-from fct_registry.usecases.sets import image_sources
+from fct_registry.usecases.project import image_sources
 from fct_registry.vectors.embedding_set import EmbeddingSet
 
 runner = CliRunner(env={"COLUMNS": "250"})
