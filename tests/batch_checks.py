@@ -18,3 +18,9 @@ def assert_batches_equal(got: EmbeddingBatch, want: EmbeddingBatch) -> None:
     else:
         assert got.side_info.dtype == np.float32
         np.testing.assert_array_equal(got.side_info, want.side_info)
+    for name, dtype in (("uncertainty", np.float32), ("backfilled", np.bool_)):
+        if getattr(want, name) is None:
+            assert getattr(got, name) is None, name
+        else:
+            assert getattr(got, name).dtype == dtype, name
+            np.testing.assert_array_equal(getattr(got, name), getattr(want, name))

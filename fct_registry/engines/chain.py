@@ -121,7 +121,7 @@ def _check_widths(i: int, step: ChainStep, model: OnnxModel, dim: int, side_dim:
 
 
 def apply_chain(models: Sequence[OnnxModel], steps: Sequence[ChainStep], embeddings: np.ndarray,
-                side_info: np.ndarray | None, ids: np.ndarray | None = None) -> np.ndarray:
+                side_info: np.ndarray | None, ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """Run one batch through every step of a validated chain.
 
     Args:
@@ -134,27 +134,40 @@ def apply_chain(models: Sequence[OnnxModel], steps: Sequence[ChainStep], embeddi
             steps (ONNX Runtime refuses NaN/inf input) and comes out as NaN.
 
     Returns:
-        (B, d_new) float32 vectors of the last step's target model.
+        (B, d_new) float32 vectors of the last step's target model, and the last step's uncertainty sigma (B,)
+        float32 when it is a FastFill transformation with an ``uncertainty`` output (Jaeckle et al., ICLR 2023),
+        else None. Only the last step's sigma is kept: it is the uncertainty of the vectors the set stores.
 
     Raises:
         UpgradeError: ``ids`` given and a step outputs NaN or inf (step and first bad item_id named).
     """
-    x = embeddings
+    x, sigma = embeddings, None
     ok = None if ids is not None else _finite_rows(x) & (side_info is None or _finite_rows(side_info))
     for i, (model, step) in enumerate(zip(models, steps, strict=False), start=1):
-        if ok is None:
-            x = model.run(**_step_inputs(step, x, side_info))
-            check_finite(x, ids, f"step {i} ({step.name})")
-            continue
-        if ok.all():
-            x = model.run(**_step_inputs(step, x, side_info))
+        last = i == len(steps) and model.has_uncertainty
+        if ok is None or ok.all():
+            x, sigma = _run_step(model, step, x, side_info, last)
         else:
             out = np.full((len(x), model.output_dim), np.nan, dtype=np.float32)
+            sigma = np.full(len(x), np.nan, dtype=np.float32) if last else None
             if ok.any():
-                out[ok] = model.run(**_step_inputs(step, x[ok], None if side_info is None else side_info[ok]))
+                out[ok], part = _run_step(model, step, x[ok], None if side_info is None else side_info[ok], last)
+                if last:
+                    sigma[ok] = part
             x = out
-        ok &= _finite_rows(x)
-    return x
+        if ok is None:
+            check_finite(x, ids, f"step {i} ({step.name})")
+        else:
+            ok &= _finite_rows(x)
+    return x, sigma
+
+
+def _run_step(model: OnnxModel, step: ChainStep, x: np.ndarray, side_info: np.ndarray | None, with_sigma: bool
+              ) -> tuple[np.ndarray, np.ndarray | None]:
+    inputs = _step_inputs(step, x, side_info)
+    if with_sigma:
+        return model.run_with_uncertainty(**inputs)
+    return model.run(**inputs), None
 
 
 def _step_inputs(step: ChainStep, x: np.ndarray, side_info: np.ndarray | None) -> dict[str, np.ndarray]:

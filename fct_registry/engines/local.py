@@ -28,12 +28,13 @@ def iter_upgraded_local(source: EmbeddingSet, steps: Sequence[ChainStep], models
 
     Yields:
         EmbeddingBatch: ids, labels and side_info as stored; embeddings (n, d_new) float32 of the last target,
-        which the batch carries as its ``model``.
+        which the batch carries as its ``model``; uncertainty (n,) float32 when the last step outputs one.
 
     Raises:
         UpgradeError: the set stores NaN/inf, or a step outputs NaN/inf (first bad item_id named).
     """
     for batch in source.iter_batches(batch_rows):
         check_stored_finite(batch, source.path)
-        upgraded = apply_chain(models, steps, batch.embeddings, batch.side_info, ids=batch.ids)
-        yield EmbeddingBatch(batch.ids, batch.labels, upgraded, batch.side_info, model=steps[-1].target)
+        upgraded, sigma = apply_chain(models, steps, batch.embeddings, batch.side_info, ids=batch.ids)
+        yield EmbeddingBatch(batch.ids, batch.labels, upgraded, batch.side_info, model=steps[-1].target,
+                             uncertainty=sigma)

@@ -54,9 +54,14 @@ class ChainRunner:
         self.models = [OnnxModel(step.onnx_path) for step in self.steps]
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        out = apply_chain(self.models, self.steps, _matrix(table, "embedding"), _side_info(table))
+        out, sigma = apply_chain(self.models, self.steps, _matrix(table, "embedding"), _side_info(table))
         column = pa.FixedSizeListArray.from_arrays(pa.array(out.reshape(-1)), out.shape[1])
-        return table.set_column(table.schema.get_field_index("embedding"), "embedding", column)
+        table = table.set_column(table.schema.get_field_index("embedding"), "embedding", column)
+        if sigma is None:
+            return table
+        if "uncertainty" in table.column_names:
+            return table.set_column(table.schema.get_field_index("uncertainty"), "uncertainty", pa.array(sigma))
+        return table.append_column("uncertainty", pa.array(sigma))
 
 
 def _start_ray(address: str | None) -> bool:
@@ -102,8 +107,9 @@ def iter_upgraded_ray(embedding_set: EmbeddingSet, steps: Sequence[ChainStep], b
             ids = table.column("item_id").to_numpy()
             embeddings = _matrix(table, "embedding")
             check_finite(embeddings, ids, f"chain {steps[0].source} -> {steps[-1].target} (Ray engine)")
+            sigma = table.column("uncertainty").to_numpy() if "uncertainty" in table.column_names else None
             yield EmbeddingBatch(ids, table.column("label").to_numpy(), embeddings, _side_info(table),
-                                 model=steps[-1].target)
+                                 model=steps[-1].target, uncertainty=sigma)
     finally:
         if started:
             ray.shutdown()

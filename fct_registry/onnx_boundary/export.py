@@ -2,7 +2,8 @@
 
 Model conventions (see the module contracts): a backbone or side-info model maps ``image`` (B, C, H, W) to
 ``embedding`` (B, d); a forward transformation h (FCT: Ramanujan et al., CVPR 2022, arXiv 2112.02805, Sec. 3)
-maps ``old_embedding`` (B, d_old) and optionally ``side_info`` (B, d_side) to ``embedding`` (B, d_new).
+maps ``old_embedding`` (B, d_old) and optionally ``side_info`` (B, d_side) to ``embedding`` (B, d_new), and a
+FastFill transformation (Jaeckle et al., ICLR 2023, arXiv 2303.04766) also to ``uncertainty`` (B, 1).
 
 The export uses the ``torch.export``-based ONNX exporter (``dynamo=True``) with one symbolic dimension named
 ``"batch"`` shared by every input and the output, stores all weights inside the ``.onnx`` file, runs
@@ -29,7 +30,7 @@ import torch
 from onnx.external_data_helper import uses_external_data
 
 from fct_registry.core.errors import ExportError
-from fct_registry.onnx_boundary.runtime import OnnxModel
+from fct_registry.onnx_boundary.runtime import UNCERTAINTY_OUTPUT, OnnxModel
 
 BATCH_DIM = "batch"
 STACK_TRACE_KEY = "pkg.torch.onnx.stack_trace"
@@ -46,7 +47,8 @@ class ExportReport:
         sha256: Hex sha256 of the file's bytes (the ``ModelRef.sha256`` content identity).
         input_names: Graph input names in graph order, e.g. ``("old_embedding", "side_info")``.
         input_shapes: Per input, its ONNX shape with the symbolic batch first, e.g. ``("batch", 1, 28, 28)``.
-        output_name: The graph's single output, ``"embedding"`` by default.
+        output_name: The graph's embedding output, ``"embedding"`` by default.
+        has_uncertainty: Whether the graph also outputs ``uncertainty`` (B, 1) (a FastFill transformation).
         output_dim: d, the width of the (B, d) float32 output.
         max_abs_diff: Batch size -> max |onnxruntime - torch| over all output elements (float32 units).
     """
@@ -56,6 +58,7 @@ class ExportReport:
     input_names: tuple[str, ...]
     input_shapes: dict[str, tuple[str | int, ...]]
     output_name: str
+    has_uncertainty: bool
     output_dim: int
     max_abs_diff: dict[int, float]
 
@@ -71,7 +74,8 @@ def export_onnx(
 
     Args:
         module: An ``nn.Module`` in eval mode whose ``forward`` takes the inputs by the names in
-            ``example_inputs`` and returns one float32 tensor (B, d).
+            ``example_inputs`` and returns one float32 tensor (B, d), or, for a FastFill transformation
+            (``module.init_kwargs["uncertainty"]`` true), the pair (embedding (B, d), uncertainty (B, 1)).
         example_inputs: Forward parameter name -> example float32 tensor (B, ...); only the trailing shape
             (everything after B) is fixed in the graph. Graph inputs follow this dict's order.
         path: Destination ``.onnx`` file; replaced atomically if it exists.
@@ -92,9 +96,10 @@ def export_onnx(
     path = Path(path)
     tmp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
     try:
-        _torch_export(module, example_inputs, tmp, output_name, opset)
+        names = _output_names(module, output_name)
+        _torch_export(module, example_inputs, tmp, names, opset)
         _strip_stack_traces(tmp)
-        _check_graph(tmp, output_name)
+        _check_graph(tmp, names)
         model = OnnxModel(tmp, providers=["CPUExecutionProvider"])
         diffs = {b: _parity_diff(module, model, example_inputs, b) for b in PARITY_BATCH_SIZES}
         os.replace(tmp, path)
@@ -106,9 +111,15 @@ def export_onnx(
         input_names=model.input_names,
         input_shapes=model.input_shapes,
         output_name=output_name,
+        has_uncertainty=model.has_uncertainty,
         output_dim=model.output_dim,
         max_abs_diff=diffs,
     )
+
+
+def _output_names(module: torch.nn.Module, output_name: str) -> list[str]:
+    with_sigma = bool(getattr(module, "init_kwargs", {}).get("uncertainty", False))
+    return [output_name, UNCERTAINTY_OUTPUT] if with_sigma else [output_name]
 
 
 def _check_eval_mode(module: torch.nn.Module) -> None:
@@ -133,7 +144,8 @@ def _check_example_inputs(module: torch.nn.Module, example_inputs: dict[str, tor
 
 
 def _torch_export(
-    module: torch.nn.Module, example_inputs: dict[str, torch.Tensor], path: Path, output_name: str, opset: int | None
+    module: torch.nn.Module, example_inputs: dict[str, torch.Tensor], path: Path, output_names: list[str],
+    opset: int | None
 ) -> None:
     batch = torch.export.Dim(BATCH_DIM, min=1)
     with warnings.catch_warnings():
@@ -145,7 +157,7 @@ def _torch_export(
                 (),
                 str(path),
                 kwargs=dict(example_inputs),
-                output_names=[output_name],
+                output_names=output_names,
                 dynamic_shapes={name: {0: batch} for name in example_inputs},
                 opset_version=opset,
                 dynamo=True,
@@ -171,14 +183,14 @@ def _strip_stack_traces(path: Path) -> None:
     onnx.save(proto, str(path))
 
 
-def _check_graph(path: Path, output_name: str) -> None:
+def _check_graph(path: Path, output_names: list[str]) -> None:
     proto = onnx.load(str(path), load_external_data=False)
     external = [t.name for t in proto.graph.initializer if uses_external_data(t)]
     if external:
         raise ExportError(f"{path} is not self-contained: tensors {external[:3]} are stored in external files")
     outputs = [o.name for o in proto.graph.output]
-    if outputs != [output_name]:
-        raise ExportError(f"expected one graph output {output_name!r}; got {outputs}")
+    if outputs != output_names:
+        raise ExportError(f"expected graph outputs {output_names}; got {outputs}")
     for value in [*proto.graph.input, *proto.graph.output]:
         dims = value.type.tensor_type.shape.dim
         if not dims or dims[0].dim_param != BATCH_DIM:
@@ -196,9 +208,16 @@ def _parity_diff(
     inputs = {n: torch.randn(batch_size, *x.shape[1:], generator=generator) for n, x in example_inputs.items()}
     with torch.inference_mode():
         expected = module(**{n: x.to(example_inputs[n].device) for n, x in inputs.items()})
+    feed = {n: x.numpy() for n, x in inputs.items()}
+    if model.has_uncertainty:
+        expected = torch.cat(expected, dim=1)
+        embeddings, sigma = model.run_with_uncertainty(**feed)
+        actual = np.concatenate([embeddings, sigma[:, None]], axis=1)
+        width = model.output_dim + 1
+    else:
+        actual, width = model.run(**feed), model.output_dim
     expected = expected.detach().cpu().numpy()
-    actual = model.run(**{n: x.numpy() for n, x in inputs.items()})
-    if actual.shape != expected.shape or expected.shape != (batch_size, model.output_dim):
+    if actual.shape != expected.shape or expected.shape != (batch_size, width):
         raise ExportError(f"output shape at batch {batch_size}: onnx {actual.shape}, torch {expected.shape}")
     diff = float(np.max(np.abs(actual - expected)))
     if not diff <= PARITY_ATOL:

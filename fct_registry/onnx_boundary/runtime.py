@@ -45,6 +45,9 @@ def _resolve_providers(providers: Sequence[str] | None) -> list[str]:
     return [p for p in providers if p != CPU_PROVIDER] + [CPU_PROVIDER]
 
 
+UNCERTAINTY_OUTPUT = "uncertainty"
+
+
 class OnnxModel:
     """One ONNX Runtime inference session over an exported embedding model.
 
@@ -53,21 +56,24 @@ class OnnxModel:
         providers: Execution providers the session actually uses, in priority order.
         input_names: Graph input names in graph order.
         input_shapes: Input name -> ONNX shape, symbolic dims as strings, e.g. ``("batch", 1, 28, 28)``.
-        output_name: The single graph output's name.
-        output_dim: d, the width of the (B, d) float32 output.
+        output_name: The embedding output's name (the graph's first output).
+        output_dim: d, the width of the (B, d) float32 embedding output.
+        has_uncertainty: Whether the graph has a second output ``uncertainty`` (B, 1) float32: a FastFill forward
+            transformation's predicted log-variance sigma per item (Jaeckle et al., ICLR 2023, arXiv 2303.04766).
     """
 
     def __init__(self, path: str | os.PathLike[str], providers: Sequence[str] | None = None) -> None:
         """Load ``path`` into a session.
 
         Args:
-            path: An ``.onnx`` file with float inputs (B, ...) and one output (B, d).
+            path: An ``.onnx`` file with float inputs (B, ...), an output (B, d) and optionally a second output
+                ``uncertainty`` (B, 1).
             providers: ONNX Runtime execution providers in priority order; CPU is appended last if missing.
                 None: CUDA first when onnxruntime offers it, then CPU (see ``default_providers``).
 
         Raises:
-            RuntimeInputError: A provider is unavailable, or the file is missing, corrupted or its output is
-                not (batch, d).
+            RuntimeInputError: A provider is unavailable, or the file is missing, corrupted or its outputs are
+                not (batch, d) [+ ``uncertainty`` (batch, 1)].
         """
         self.path = Path(path)
         options = ort.SessionOptions()
@@ -85,11 +91,15 @@ class OnnxModel:
         self.input_names = tuple(i.name for i in inputs)
         self.input_shapes = {i.name: tuple(i.shape) for i in inputs}
         outputs = self._session.get_outputs()
-        if len(outputs) != 1 or len(outputs[0].shape) != 2 or not isinstance(outputs[0].shape[1], int):
+        extra_ok = len(outputs) == 1 or (len(outputs) == 2 and outputs[1].name == UNCERTAINTY_OUTPUT
+                                         and len(outputs[1].shape) == 2 and outputs[1].shape[1] == 1)
+        if not extra_ok or len(outputs[0].shape) != 2 or not isinstance(outputs[0].shape[1], int):
             shapes = {o.name: o.shape for o in outputs}
-            raise RuntimeInputError(f"{self.path} must have one output of shape (batch, d); got {shapes}")
+            raise RuntimeInputError(f"{self.path} must have one output of shape (batch, d), optionally followed by "
+                                    f"{UNCERTAINTY_OUTPUT!r} (batch, 1); got {shapes}")
         self.output_name = outputs[0].name
         self.output_dim = outputs[0].shape[1]
+        self.has_uncertainty = len(outputs) == 2
 
     def run(self, *arrays: object, **inputs: object) -> np.ndarray:
         """Embed one batch.
@@ -109,6 +119,21 @@ class OnnxModel:
                 (before or after the cast to float32, e.g. 1e39; naming the input and the batch row), has the
                 wrong rank or trailing dims, or batch sizes differ.
         """
+        return self._session.run([self.output_name], self._feed(arrays, inputs))[0]
+
+    def run_with_uncertainty(self, **inputs: object) -> tuple[np.ndarray, np.ndarray]:
+        """Run a FastFill transformation: inputs as :meth:`run` -> (embeddings (B, d) float32, sigma (B,) float32).
+
+        Raises:
+            RuntimeInputError: the model has no ``uncertainty`` output, or any input problem of :meth:`run`.
+        """
+        if not self.has_uncertainty:
+            raise RuntimeInputError(f"{self.path} has no {UNCERTAINTY_OUTPUT!r} output (not a FastFill "
+                                    "transformation)")
+        embeddings, sigma = self._session.run([self.output_name, UNCERTAINTY_OUTPUT], self._feed((), inputs))
+        return embeddings, sigma[:, 0]
+
+    def _feed(self, arrays: tuple[object, ...], inputs: dict[str, object]) -> dict[str, np.ndarray]:
         if arrays:
             if len(arrays) != 1 or inputs or len(self.input_names) != 1:
                 raise RuntimeInputError(
@@ -124,7 +149,7 @@ class OnnxModel:
         batch_sizes = {name: x.shape[0] for name, x in feed.items()}
         if len(set(batch_sizes.values())) > 1:
             raise RuntimeInputError(f"inputs must share one batch size B; got {batch_sizes}")
-        return self._session.run([self.output_name], feed)[0]
+        return feed
 
     def _as_input(self, name: str, value: object) -> np.ndarray:
         expected = self.input_shapes[name]

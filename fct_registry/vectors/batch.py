@@ -1,8 +1,11 @@
-"""A batch of one model's vectors in memory: item ids, labels, embeddings, optional side-information and the
-model version that made the embeddings.
+"""A batch of one model's vectors in memory: item ids, labels, embeddings, optional side-information, optional
+per-item FastFill columns, and the model version that made the embeddings.
 
 Shapes: ids (n,) int64, labels (n,) int64 (-1 = unknown), embeddings (n, d) float32, side_info (n, d_side) float32
-(FCT side-information: Ramanujan et al., CVPR 2022, arXiv 2112.02805, Sec. 3.2). A batch written into a set must
+(FCT side-information: Ramanujan et al., CVPR 2022, arXiv 2112.02805, Sec. 3.2), uncertainty (n,) float32 (the
+forward transformation's predicted log-variance sigma; FastFill: Jaeckle et al., ICLR 2023, arXiv 2303.04766,
+Sec. 4) and backfilled (n,) bool (True: the item's vector was computed by the backbone itself from its image,
+False: it was transformed from an older model's). A batch written into a set must
 carry its ``model`` (a :class:`~fct_registry.core.refs.ModelRef`): the writer refuses batches of another model, so
 vectors of two models of the same width are never stored under one version.
 """
@@ -38,11 +41,25 @@ def as_float32_matrix(x: object, name: str, error: type[FctError] = EmbeddingSet
     return np.array(arr, dtype=np.float32, order="C", copy=True)
 
 
+OPTIONAL_FIELDS = ("side_info", "uncertainty", "backfilled")
+"""Columns an EmbeddingBatch may lack; all batches of one set either carry each or lack it."""
+
+
 def _vector(x: object, name: str) -> np.ndarray:
     arr = np.asarray(x)
     if arr.ndim != 1 or arr.dtype.kind not in "iu":
         raise EmbeddingSetError(f"{name} must be a 1-D integer array (n,), got {arr.dtype} {arr.shape}")
     return arr.astype(np.int64, copy=False)
+
+
+def _column(x: object, name: str, dtype: type, n: int) -> np.ndarray:
+    arr = np.asarray(x)
+    kinds = "b" if dtype is np.bool_ else "iuf"
+    if arr.ndim != 1 or arr.dtype.kind not in kinds:
+        raise EmbeddingSetError(f"{name} must be a 1-D {np.dtype(dtype).name} array (n,), got {arr.dtype} {arr.shape}")
+    if len(arr) != n:
+        raise EmbeddingSetError(f"batch arrays disagree on n: ids {n}, {name} {len(arr)}")
+    return np.ascontiguousarray(arr, dtype=dtype)
 
 
 def _matrix(x: object, name: str) -> np.ndarray:
@@ -56,7 +73,9 @@ class EmbeddingBatch:
     """n items of one model: ids (n,) int64 (unique within a set), labels (n,) int64 (-1 = unknown),
     embeddings (n, d) float32 C-contiguous, side_info (n, d_side) float32 C-contiguous or None, and ``model``, the
     model version that made the embeddings (None: not known, e.g. a batch read back from a set, whose manifest
-    names the model; :func:`with_model` tags such a batch).
+    names the model; :func:`with_model` tags such a batch). Optional per-item columns: ``uncertainty`` (n,) float32,
+    FastFill's predicted log-variance of each transformed vector, and ``backfilled`` (n,) bool, whether each vector
+    came from the backbone itself (True) or from a forward transformation (False).
 
     Other integer/float dtypes and layouts are converted on construction.
 
@@ -69,6 +88,8 @@ class EmbeddingBatch:
     embeddings: np.ndarray
     side_info: np.ndarray | None = None
     model: ModelRef | None = None
+    uncertainty: np.ndarray | None = None
+    backfilled: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.ids = _vector(self.ids, "ids")
@@ -84,6 +105,10 @@ class EmbeddingBatch:
             rows["side_info"] = len(self.side_info)
         if len(set(rows.values())) != 1:
             raise EmbeddingSetError(f"batch arrays disagree on n: {rows}")
+        if self.uncertainty is not None:
+            self.uncertainty = _column(self.uncertainty, "uncertainty", np.float32, len(self.ids))
+        if self.backfilled is not None:
+            self.backfilled = _column(self.backfilled, "backfilled", np.bool_, len(self.ids))
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -110,7 +135,8 @@ def concat_batches(batches: list[EmbeddingBatch]) -> EmbeddingBatch:
 
     Raises:
         VersionMismatchError: the batches carry different models (naming two of them).
-        EmbeddingSetError: ``batches`` is empty, or side_info is present in some and missing in others.
+        EmbeddingSetError: ``batches`` is empty, or side_info (or an optional per-item column) is present in some
+            and missing in others.
     """
     if not batches:
         raise EmbeddingSetError("concat_batches needs at least one batch, got none")
@@ -118,16 +144,26 @@ def concat_batches(batches: list[EmbeddingBatch]) -> EmbeddingBatch:
     if len(models) > 1:
         first, other = sorted(models, key=str)[:2]
         raise VersionMismatchError(f"cannot concatenate batches of model {first} and model {other}")
-    if len({b.side_info is None for b in batches}) > 1:
-        raise EmbeddingSetError("side_info is present in some batches and missing in others")
-    side = None if batches[0].side_info is None else np.concatenate([b.side_info for b in batches])
+    optional = {}
+    for name in OPTIONAL_FIELDS:
+        if len({getattr(b, name) is None for b in batches}) > 1:
+            raise EmbeddingSetError(f"{name} is present in some batches and missing in others")
+        optional[name] = None if getattr(batches[0], name) is None else np.concatenate(
+            [getattr(b, name) for b in batches])
     return EmbeddingBatch(*(np.concatenate([getattr(b, f) for b in batches]) for f in ("ids", "labels",
-                                                                                      "embeddings")), side,
-                          model=batches[0].model)
+                                                                                      "embeddings")),
+                          model=batches[0].model, **optional)
 
 
 def slice_batch(batch: EmbeddingBatch, start: int, stop: int) -> EmbeddingBatch:
     """Rows ``start:stop`` of ``batch`` (views, not copies), with the same model."""
-    side = None if batch.side_info is None else batch.side_info[start:stop]
-    return EmbeddingBatch(batch.ids[start:stop], batch.labels[start:stop], batch.embeddings[start:stop], side,
-                          model=batch.model)
+    return select_rows(batch, slice(start, stop))
+
+
+def select_rows(batch: EmbeddingBatch, rows: slice | np.ndarray) -> EmbeddingBatch:
+    """The items ``rows`` of ``batch`` (a slice gives views; a (n,) bool mask or index array gives copies), every
+    column and the model kept."""
+    optional = {name: None if getattr(batch, name) is None else getattr(batch, name)[rows]
+                for name in OPTIONAL_FIELDS}
+    return EmbeddingBatch(batch.ids[rows], batch.labels[rows], batch.embeddings[rows], model=batch.model,
+                          **optional)

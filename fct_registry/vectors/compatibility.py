@@ -4,6 +4,11 @@ written as a Markdown table (the charts are in :mod:`fct_registry.vectors.plots`
 Cases are named ``<query>_vs_<gallery>`` (FCT, Ramanujan et al., CVPR 2022, Table 1): ``old_vs_old``,
 ``new_vs_new``, ``new_vs_old``, ``bct_vs_old``, ``bct_vs_bct``, ``new_vs_upgraded_noside``,
 ``new_vs_upgraded``, ``v3_vs_v3``, ``v3_vs_upgraded_chain``, ``v3_vs_upgraded_direct``.
+
+Besides CMC top-k and mAP, every case after an update carries ``negative_flips`` and ``positive_flips``
+(:mod:`fct_registry.vectors.flips`; Yan et al., CVPR 2021): the share of queries whose top-1 neighbour was right
+before the update and is wrong after it (and the reverse), "before" being the stored gallery's own model searching
+it (``old_vs_old``; ``new_vs_new`` for a gallery stored by the new model, ``v3_vs_upgraded_from_v2``).
 """
 
 from __future__ import annotations
@@ -35,7 +40,9 @@ def summary(cases: dict[str, Metrics]) -> dict[str, float]:
 
     Keys: ``fct_gap_closed_top1``, ``fct_gap_closed_map``, ``noside_gap_closed_top1``,
     ``noside_gap_closed_map``, ``side_info_gain_top1``, ``side_info_gain_map`` (fractions; gains in absolute
-    fraction points), and ``fct_minus_bct_top1`` (FCT's cross-model top-1 minus BCT's) when BCT ran.
+    fraction points), ``fct_minus_bct_top1`` (FCT's cross-model top-1 minus BCT's) when BCT ran, and the negative
+    flip rates ``fct_negative_flips``, ``noside_negative_flips``, ``bct_negative_flips`` (``bct_vs_old``) of the
+    cases that carry them.
     """
     old, new = cases["old_vs_old"], cases["new_vs_new"]
     out = {}
@@ -46,6 +53,9 @@ def summary(cases: dict[str, Metrics]) -> dict[str, float]:
         out[f"side_info_gain_{metric}"] = cases["new_vs_upgraded"][key] - cases["new_vs_upgraded_noside"][key]
     if "bct_vs_old" in cases:
         out["fct_minus_bct_top1"] = cases["new_vs_upgraded"]["cmc_top1"] - cases["bct_vs_old"]["cmc_top1"]
+    for name, case in (("fct", "new_vs_upgraded"), ("noside", "new_vs_upgraded_noside"), ("bct", "bct_vs_old")):
+        if "negative_flips" in cases.get(case, {}):
+            out[f"{name}_negative_flips"] = cases[case]["negative_flips"]
     return out
 
 
@@ -53,16 +63,23 @@ def headline(cases: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
     """The few numbers ``dvc metrics show`` prints (``metrics/fct.json``): FCT's cross-model CMC top-1 and mAP
     (``new_vs_upgraded``, mean over seeds of h) and the share of the old->new gap each closes (fractions).
 
-    Keys: ``top1``, ``map``, ``top1_gap_closed``, ``map_gap_closed``.
+    Keys: ``top1``, ``map``, ``top1_gap_closed``, ``map_gap_closed``; with negative flips measured, also
+    ``negative_flips`` (FCT with side-info) and ``bct_negative_flips`` (BCT queries against the old gallery,
+    ``bct_vs_old``), fractions of the queries (Yan et al., CVPR 2021; lower is better).
 
     Raises:
         KeyError: ``old_vs_old``, ``new_vs_new`` or ``new_vs_upgraded`` is missing.
         SearchError: new/new equals old/old (no gap to close).
     """
     old, new, fct = cases["old_vs_old"], cases["new_vs_new"], cases["new_vs_upgraded"]
-    return {"top1": fct["cmc_top1"], "map": fct["map"],
-            "top1_gap_closed": gap_closed(old["cmc_top1"], new["cmc_top1"], fct["cmc_top1"]),
-            "map_gap_closed": gap_closed(old["map"], new["map"], fct["map"])}
+    out = {"top1": fct["cmc_top1"], "map": fct["map"],
+           "top1_gap_closed": gap_closed(old["cmc_top1"], new["cmc_top1"], fct["cmc_top1"]),
+           "map_gap_closed": gap_closed(old["map"], new["map"], fct["map"])}
+    if "negative_flips" in fct:
+        out["negative_flips"] = fct["negative_flips"]
+    if "negative_flips" in cases.get("bct_vs_old", {}):
+        out["bct_negative_flips"] = cases["bct_vs_old"]["negative_flips"]
+    return out
 
 
 def compatibility_table(cases: Mapping[str, Mapping[str, float]]) -> str:

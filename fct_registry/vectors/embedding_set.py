@@ -2,7 +2,10 @@
 
 Shard columns: ``item_id`` int64, ``label`` int64 (-1 = unknown), ``embedding`` fixed_size_list<float32>[d] and
 optionally ``side_info`` fixed_size_list<float32>[d_side] (FCT side-information: Ramanujan et al., CVPR 2022,
-arXiv 2112.02805, Sec. 3.2). All vectors of a set come from one model version, named by a :class:`ModelRef`.
+arXiv 2112.02805, Sec. 3.2), ``uncertainty`` float32 (the forward transformation's predicted log-variance of each
+item, FastFill: Jaeckle et al., ICLR 2023, arXiv 2303.04766) and ``backfilled`` bool (whether each item's vector was
+computed by the backbone from its image rather than transformed). All vectors of a set are in the embedding space
+of one model version, named by a :class:`ModelRef`.
 """
 
 from __future__ import annotations
@@ -37,7 +40,12 @@ class ShardInfo(BaseModel):
 
 
 class EmbeddingSetManifest(BaseModel):
-    """Contents of ``manifest.json``: which model made the vectors, their shape, metric and shards."""
+    """Contents of ``manifest.json``: which model made the vectors, their shape, metric and shards.
+
+    ``uncertainty``: the shards carry an ``uncertainty`` column (sigma of the transformation that made each vector).
+    ``backfilled``: None if the shards carry no ``backfilled`` column (every vector as the set was made), else how
+    many items carry a backfilled (backbone-computed) vector.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     format_version: Literal[1] = 1
@@ -51,6 +59,8 @@ class EmbeddingSetManifest(BaseModel):
     normalized: bool
     shards: list[ShardInfo]
     lineage: list[str]
+    uncertainty: bool = False
+    backfilled: int | None = Field(default=None, ge=0)
 
 
 def _file_sha256(path: Path) -> str:
@@ -128,8 +138,12 @@ class EmbeddingSet:
         side = None
         if m.side_info_dim is not None:
             side = _matrix_from_arrow(table.column("side_info"), m.side_info_dim, "side_info")
+        uncertainty = table.column("uncertainty").to_numpy().copy() if m.uncertainty else None
+        backfilled = (table.column("backfilled").to_numpy(zero_copy_only=False).copy()
+                      if m.backfilled is not None else None)
         return EmbeddingBatch(table.column("item_id").to_numpy().copy(), table.column("label").to_numpy().copy(),
-                              _matrix_from_arrow(table.column("embedding"), m.dim, "embedding"), side, model=m.model)
+                              _matrix_from_arrow(table.column("embedding"), m.dim, "embedding"), side, model=m.model,
+                              uncertainty=uncertainty, backfilled=backfilled)
 
     def read(self) -> EmbeddingBatch:
         """Load the whole set: ids (count,), labels (count,), embeddings (count, d) float32, side_info."""

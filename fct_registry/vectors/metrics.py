@@ -58,20 +58,11 @@ def retrieval_metrics(query_emb: object, query_labels: object, gallery_emb: obje
             query ids), top_k or batch_size; a NaN/inf or (cosine) zero vector, naming its row in ``query_emb`` /
             ``gallery_emb`` and its item id when ids are given.
     """
-    index = GalleryIndex(gallery_emb, metric, ids=gallery_ids)
-    queries = _query_matrix(query_emb)
+    index, queries, q_labels, g_labels, own_ids = _inputs(query_emb, query_labels, gallery_emb, gallery_labels,
+                                                          metric, query_ids, gallery_ids)
     n_query = len(queries)
-    if n_query == 0:
-        raise SearchError(f"query_emb must have at least one row (n_query >= 1), got shape {queries.shape}")
-    q_labels = _labels(query_labels, n_query, "query_labels")
-    g_labels = _labels(gallery_labels, len(index), "gallery_labels")
-    if (q_labels < 0).any():
-        raise SearchError(f"query_labels must be >= 0, got {int(q_labels.min())} (unknown labels cannot be scored)")
-    own_ids = _own_ids(query_ids, gallery_ids, n_query)
     ks = _top_k(top_k)
-    if not isinstance(batch_size, Integral) or isinstance(batch_size, bool) or batch_size < 1:
-        raise SearchError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    batch_size = int(batch_size)
+    batch_size = _batch_size(batch_size)
     first_hits, aps = [], []
     for start in range(0, n_query, batch_size):
         rows = slice(start, start + batch_size)
@@ -88,6 +79,74 @@ def retrieval_metrics(query_emb: object, query_labels: object, gallery_emb: obje
     result = {f"cmc_top{k}": float(np.mean(first_hit <= k)) for k in ks}
     result["map"] = float(np.mean(np.concatenate(aps)))
     return result
+
+
+def top1_correct(query_emb: object, query_labels: object, gallery_emb: object, gallery_labels: object,
+                 metric: Metric, query_ids: object = None, gallery_ids: object = None,
+                 batch_size: int = 1024) -> np.ndarray:
+    """Whether each query's first-ranked gallery item has its label: the per-query CMC top-1 hit.
+
+    Same protocol, arguments and errors as :func:`retrieval_metrics` (own item excluded by id, equal scores ranked
+    by gallery position), so ``top1_correct(...).mean() == retrieval_metrics(...)["cmc_top1"]``; only the best item
+    is looked for (an argmax, no sort), so peak memory is about ``5 * batch_size * n_gallery`` bytes. It is the
+    input of negative flips (:func:`fct_registry.vectors.flips.negative_flips`; Yan et al., CVPR 2021).
+
+    Args:
+        query_emb: (n_query, d) query embeddings.
+        query_labels: (n_query,) integer class labels, >= 0.
+        gallery_emb: (n_gallery, d) gallery embeddings.
+        gallery_labels: (n_gallery,) integer labels; negative (unknown) labels are never right.
+        metric: ``"l2"`` or ``"cosine"`` (required).
+        query_ids: (n_query,) unique integer item ids (with ``gallery_ids``: own item excluded).
+        gallery_ids: (n_gallery,) unique integer item ids.
+        batch_size: queries per batch, an integer >= 1.
+
+    Returns:
+        (n_query,) bool: True where the top-1 neighbour is relevant; False for a query with no other gallery item.
+
+    Raises:
+        SearchError: as :func:`retrieval_metrics` (bad metric, shapes, labels, ids, batch_size, non-finite vectors).
+    """
+    index, queries, q_labels, g_labels, own_ids = _inputs(query_emb, query_labels, gallery_emb, gallery_labels,
+                                                          metric, query_ids, gallery_ids)
+    n_query = len(queries)
+    batch_size = _batch_size(batch_size)
+    correct = np.empty(n_query, dtype=bool)
+    for start in range(0, n_query, batch_size):
+        rows = slice(start, start + batch_size)
+        scores = index.score_all(queries[rows], first_row=start, row_ids=None if own_ids is None else own_ids[rows])
+        own = None
+        if own_ids is not None:
+            own = index.ids[None, :] == own_ids[rows, None]
+            scores[own] = -np.inf
+        best = scores.argmax(axis=1)  # the first of equal maxima: the lowest gallery position, as the stable sort
+        right = g_labels[best] == q_labels[rows]
+        if own is not None:
+            right &= ~own[np.arange(len(best)), best]  # only the own item was left: a miss
+        correct[rows] = right
+    return correct
+
+
+def _inputs(query_emb: object, query_labels: object, gallery_emb: object, gallery_labels: object, metric: Metric,
+            query_ids: object, gallery_ids: object
+            ) -> tuple[GalleryIndex, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """The checked inputs of a retrieval: gallery index, query matrix, query and gallery labels, own ids (or None)."""
+    index = GalleryIndex(gallery_emb, metric, ids=gallery_ids)
+    queries = _query_matrix(query_emb)
+    n_query = len(queries)
+    if n_query == 0:
+        raise SearchError(f"query_emb must have at least one row (n_query >= 1), got shape {queries.shape}")
+    q_labels = _labels(query_labels, n_query, "query_labels")
+    g_labels = _labels(gallery_labels, len(index), "gallery_labels")
+    if (q_labels < 0).any():
+        raise SearchError(f"query_labels must be >= 0, got {int(q_labels.min())} (unknown labels cannot be scored)")
+    return index, queries, q_labels, g_labels, _own_ids(query_ids, gallery_ids, n_query)
+
+
+def _batch_size(batch_size: object) -> int:
+    if not isinstance(batch_size, Integral) or isinstance(batch_size, bool) or batch_size < 1:
+        raise SearchError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    return int(batch_size)
 
 
 def _rank_metrics(scores: np.ndarray, relevant: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

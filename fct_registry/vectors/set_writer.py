@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from fct_registry.core.errors import EmbeddingSetError, VersionMismatchError
 from fct_registry.core.refs import ModelRef
-from fct_registry.vectors.batch import EmbeddingBatch, concat_batches, slice_batch
+from fct_registry.vectors.batch import OPTIONAL_FIELDS, EmbeddingBatch, concat_batches, slice_batch
 from fct_registry.vectors.embedding_set import MANIFEST, TEMP_SUFFIX, EmbeddingSet, EmbeddingSetManifest, ShardInfo
 
 
@@ -34,6 +34,10 @@ def _shard_bytes(batch: EmbeddingBatch) -> bytes:
                "embedding": _fixed_list(batch.embeddings)}
     if batch.side_info is not None:
         columns["side_info"] = _fixed_list(batch.side_info)
+    if batch.uncertainty is not None:
+        columns["uncertainty"] = pa.array(batch.uncertainty)
+    if batch.backfilled is not None:
+        columns["backfilled"] = pa.array(batch.backfilled)
     sink = pa.BufferOutputStream()
     pq.write_table(pa.table(columns), sink)
     return sink.getvalue().to_pybytes()
@@ -62,10 +66,14 @@ def _check_model(batch: EmbeddingBatch, index: int, model: ModelRef) -> None:
 
 
 def _check_batch(batch: EmbeddingBatch, first: EmbeddingBatch, normalized: bool) -> None:
+    for name in OPTIONAL_FIELDS:
+        if (getattr(first, name) is None) != (getattr(batch, name) is None):
+            raise EmbeddingSetError(f"{name} is present in some batches and missing in others")
+    if batch.uncertainty is not None and not np.isfinite(batch.uncertainty).all():
+        bad = int(batch.ids[~np.isfinite(batch.uncertainty)][0])
+        raise EmbeddingSetError(f"uncertainty of item_id {bad} is NaN or inf")
     for name in ("embeddings", "side_info"):
         want, got = getattr(first, name), getattr(batch, name)
-        if (want is None) != (got is None):
-            raise EmbeddingSetError("side_info is present in some batches and missing in others")
         if got is not None and got.shape[1] != want.shape[1]:
             raise EmbeddingSetError(f"{name} dim changed from {want.shape[1]} to {got.shape[1]} between batches")
         if got is not None and not np.isfinite(got).all():
@@ -86,8 +94,8 @@ def _check_unique(id_arrays: list[np.ndarray]) -> None:
 
 
 def _write_shards(tmp: Path, batches: Iterable[EmbeddingBatch], model: ModelRef, normalized: bool,
-                  shard_rows: int) -> tuple[EmbeddingBatch, list[ShardInfo], list[np.ndarray]]:
-    first, shards, ids, pending, pending_rows = None, [], [], [], 0
+                  shard_rows: int) -> tuple[EmbeddingBatch, list[ShardInfo], list[np.ndarray], int]:
+    first, shards, ids, pending, pending_rows, backfilled = None, [], [], [], 0, 0
 
     def flush(batch: EmbeddingBatch) -> None:
         data = _shard_bytes(batch)
@@ -102,6 +110,7 @@ def _write_shards(tmp: Path, batches: Iterable[EmbeddingBatch], model: ModelRef,
         first = batch if first is None else first
         _check_batch(batch, first, normalized)
         ids.append(batch.ids)
+        backfilled += 0 if batch.backfilled is None else int(batch.backfilled.sum())
         pending.append(batch)
         pending_rows += len(batch)
         if pending_rows >= shard_rows:
@@ -114,7 +123,14 @@ def _write_shards(tmp: Path, batches: Iterable[EmbeddingBatch], model: ModelRef,
         flush(concat_batches(pending))
     if not shards:
         raise EmbeddingSetError("no rows to write: an embedding set needs at least one item")
-    return first, shards, ids
+    return first, shards, ids, backfilled
+
+
+def manifest_bytes(manifest: EmbeddingSetManifest) -> bytes:
+    """``manifest.json``'s bytes; the optional FastFill fields are written only when used, so a plain set's
+    manifest is byte-identical to one written before they existed."""
+    unused = {name for name in ("uncertainty", "backfilled") if getattr(manifest, name) in (False, None)}
+    return manifest.model_dump_json(indent=2, exclude=unused).encode()
 
 
 def swap_in(tmp: Path, path: Path) -> None:
@@ -198,7 +214,7 @@ def write_embedding_set(path: str | os.PathLike, batches: EmbeddingBatch | Itera
     tmp = path.parent / f".tmp-{path.name}.new-{uuid.uuid4().hex}"
     tmp.mkdir()
     try:
-        first, shards, ids = _write_shards(
+        first, shards, ids, backfilled = _write_shards(
             tmp, [batches] if isinstance(batches, EmbeddingBatch) else batches, model, normalized, shard_rows)
         _check_unique(ids)
         if (first.side_info is None) != (side_info_model is None):
@@ -208,10 +224,11 @@ def write_embedding_set(path: str | os.PathLike, batches: EmbeddingBatch | Itera
             model=model, side_info_model=side_info_model, dim=first.embeddings.shape[1],
             side_info_dim=None if first.side_info is None else first.side_info.shape[1],
             count=sum(s.rows for s in shards), metric=metric, normalized=normalized, shards=shards,
-            lineage=list(lineage))
+            lineage=list(lineage), uncertainty=first.uncertainty is not None,
+            backfilled=None if first.backfilled is None else backfilled)
         for name, data in (extra_files or {}).items():
             _write_file(tmp / name, data)
-        _write_file(tmp / MANIFEST, manifest.model_dump_json(indent=2).encode())
+        _write_file(tmp / MANIFEST, manifest_bytes(manifest))
         swap_in(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -315,9 +315,10 @@ def test_without_ids_a_nan_row_skips_the_remaining_steps_and_comes_out_nan(h):
     x = np.random.default_rng(0).normal(size=(5, D_OLD)).astype(np.float32)
     x[1, 0] = 20.0  # log(100 - 400) = NaN at step 1
     x[3, 2] = np.nan  # stored NaN
-    out = apply_chain(models, steps, x, None)
+    out, sigma = apply_chain(models, steps, x, None)
+    assert sigma is None
     assert out.shape == (5, D_MID) and np.isnan(out[[1, 3]]).all()
-    np.testing.assert_array_equal(out[[0, 2, 4]], apply_chain(models, steps, x[[0, 2, 4]], None))
+    np.testing.assert_array_equal(out[[0, 2, 4]], apply_chain(models, steps, x[[0, 2, 4]], None)[0])
     x[3, 2] = 0.0  # with ids (the local engine, which refuses stored NaN first) a NaN output is an error
     with pytest.raises(UpgradeError, match=r"step 1 \(fct-transformation/nan\) produced NaN/inf for item_id 11 "):
         apply_chain(models, steps, x, None, ids=np.arange(10, 15))

@@ -15,7 +15,7 @@ from factories import tree
 
 from fct_registry.core.errors import EmbeddingSetError, VersionMismatchError
 from fct_registry.core.refs import ModelRef
-from fct_registry.vectors.batch import EmbeddingBatch, as_float32_matrix
+from fct_registry.vectors.batch import EmbeddingBatch, as_float32_matrix, concat_batches
 from fct_registry.vectors.embedding_set import EmbeddingSet, SetScan, require_same_model, scan_embedding_sets
 from fct_registry.vectors.set_writer import write_embedding_set
 
@@ -69,6 +69,43 @@ def test_round_trip_with_side_info(tmp_path):
     assert m.lineage == ["gallery v1 embedded"]
     assert written.manifest == m
     assert_batches_equal(opened.read(), concat(batches))
+
+
+def test_fastfill_columns_round_trip_across_shards_and_plain_manifests_keep_their_bytes(tmp_path):
+    """uncertainty (n,) float32 and backfilled (n,) bool survive a write split over shards; the manifest counts the
+    backfilled items, and a set without them writes no key for them (its bytes are as before they existed)."""
+    batches = [make_batch(0, 7, d_side=3), make_batch(7, 4, d_side=3)]
+    for i, batch in enumerate(batches):
+        batch.uncertainty = np.linspace(-1, 1, len(batch), dtype=np.float32) + i
+        batch.backfilled = np.arange(len(batch)) % 3 == 0
+    write_embedding_set(tmp_path / "mixed", batches, V1, side_info_model=S1, shard_rows=5)
+    opened = EmbeddingSet.open(tmp_path / "mixed")
+    assert (opened.manifest.uncertainty, opened.manifest.backfilled, len(opened.shard_paths)) == (True, 3 + 2, 3)
+    want = concat(batches)
+    want.uncertainty = np.concatenate([b.uncertainty for b in batches])
+    want.backfilled = np.concatenate([b.backfilled for b in batches])
+    assert_batches_equal(opened.read(), want)
+    assert_batches_equal(concat_batches(list(opened.iter_batches(rows=2))), want)
+    write_embedding_set(tmp_path / "plain", make_batch(0, 3), V1)
+    text = (tmp_path / "plain" / "manifest.json").read_text()
+    assert '"uncertainty"' not in text and '"backfilled"' not in text
+    assert (EmbeddingSet.open(tmp_path / "plain").manifest.uncertainty,
+            EmbeddingSet.open(tmp_path / "plain").manifest.backfilled) == (False, None)
+
+
+def test_fastfill_columns_in_some_batches_only_or_non_finite_are_refused(tmp_path):
+    with_sigma = make_batch(0, 3)
+    with_sigma.uncertainty = np.zeros(3, np.float32)
+    with pytest.raises(EmbeddingSetError, match="uncertainty is present in some batches and missing in others"):
+        write_embedding_set(tmp_path / "a", [with_sigma, make_batch(3, 2)], V1)
+    with_sigma.uncertainty = np.array([0, np.inf, 0], np.float32)
+    with pytest.raises(EmbeddingSetError, match="uncertainty of item_id 10 is NaN or inf"):
+        write_embedding_set(tmp_path / "b", [with_sigma], V1)
+    with pytest.raises(EmbeddingSetError, match="backfilled must be a 1-D bool array"):
+        EmbeddingBatch([1], [0], [[0.0]], backfilled=np.array([0.5]))
+    with pytest.raises(EmbeddingSetError, match="batch arrays disagree on n: ids 1, uncertainty 2"):
+        EmbeddingBatch([1], [0], [[0.0]], uncertainty=[0.0, 1.0])
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 def test_multiple_shards_bounded(tmp_path):

@@ -1,4 +1,5 @@
-"""Property-based tests: CMC top-k, mAP and top-k search equal a plain-Python-loop oracle of the documented protocol.
+"""Property-based tests: CMC top-k, mAP, per-query top-1 (negative flips) and top-k search equal a plain-Python-loop
+oracle of the documented protocol.
 
 The oracle is :func:`metric_oracle.oracle_metrics`, the protocol written out as a plain loop.
 
@@ -14,11 +15,13 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-from metric_oracle import exact_score, float_score, oracle_metrics
+from metric_oracle import exact_score, float_score, oracle_flips, oracle_metrics, oracle_top1
 
-from fct_registry.vectors.metrics import retrieval_metrics
+from fct_registry.vectors.flips import negative_flips
+from fct_registry.vectors.metrics import retrieval_metrics, top1_correct
 from fct_registry.vectors.search import GalleryIndex
 
 SETTINGS = settings(max_examples=80, deadline=None, database=None,
@@ -144,3 +147,27 @@ def test_search_top_k_equals_the_oracle_ranking(case, data):
         assert [pair for pair in got if pair[0] > kth] == [pair for pair in ranked if pair[0] > kth]
         want_scores = [-math.sqrt(-s) if metric == "l2" else float(s) for s, _ in ranked[:k]]
         np.testing.assert_allclose(result.scores[i], want_scores, rtol=1e-6, atol=1e-6)
+
+
+@SETTINGS
+@given(retrieval_cases(exact=True), st.data())
+def test_top1_and_negative_flips_equal_the_oracle(case, data):
+    """Per-query top-1 (an argmax) equals the oracle's first-ranked item, ties included, and averages to CMC top-1;
+    negative/positive flips between the gallery's labels and a relabelled gallery equal the oracle's counts."""
+    metric, queries, query_labels, gallery, gallery_labels, query_ids, gallery_ids, _, batch_size = case
+    relabelled = data.draw(st.lists(st.integers(-1, 3), min_size=len(gallery), max_size=len(gallery)), label="after")
+    tops, oracles = [], []
+    for labels in (gallery_labels, relabelled):
+        got = top1_correct(np.array(queries), np.array(query_labels), np.array(gallery), np.array(labels), metric,
+                           query_ids=query_ids, gallery_ids=gallery_ids, batch_size=batch_size)
+        want = oracle_top1(queries, query_labels, gallery, labels, metric, query_ids, gallery_ids, exact_score)
+        assert got.dtype == bool and got.tolist() == want
+        cmc = retrieval_metrics(np.array(queries), np.array(query_labels), np.array(gallery), np.array(labels), metric,
+                                query_ids=query_ids, gallery_ids=gallery_ids, top_k=(1,))["cmc_top1"]
+        assert math.isclose(got.mean(), cmc, rel_tol=1e-12)
+        tops.append(got)
+        oracles.append(want)
+    flips = negative_flips(*tops)
+    assert flips.metrics() == pytest.approx(oracle_flips(*oracles), rel=1e-12)
+    assert flips.n_query == len(queries)
+    assert flips.positive_rate - flips.negative_rate == pytest.approx(tops[1].mean() - tops[0].mean(), abs=1e-12)
