@@ -1,7 +1,8 @@
 """Stage register: every model in the MLflow registry with its compatibility metadata, then promote the newest backbone.
 
 The promotion goes through the same gate as ``fct-registry promote``: every stored gallery under ``embeddings/``
-must reach v3 by registered transformations whose mAP is at least ``registry.promote_map_floor``.
+must reach v3 by registered transformations whose mAP is at least ``registry.promote_map_floor`` (and, when
+``registry.promote_negative_flip_ceiling`` is set, whose negative flip rate is at most it).
 
 Idempotent: a model whose ONNX content is already registered gets no new version.
 """
@@ -44,18 +45,19 @@ for folder, keys in sections.items():
     version = publish_model(registry, folder, params.evaluation.metric, data_hash, commit, {k: dump[k] for k in keys},
                             extra_tags=extra)
     published[folder] = {"name": version.name, "version": version.version, "label": version.ref.label}
-keys = ("cmc_top1", "cmc_top5", "map")
+keys = ("cmc_top1", "cmc_top5", "map", "negative_flips", "positive_flips")  # flips: vs the source model's own search
 for label, case in transformations.items():
     # The registered file is seed `seed`: its tags carry that seed's own scores; the spread over seeds goes apart.
     own = per_seed[case][str(seed)] if case in per_seed else cases[case]
     spread = {"seeds": params.transformation.seeds if case in per_seed else [seed],
-              **{f"{k}_mean": cases[case][k] for k in keys},
+              **{f"{k}_mean": cases[case][k] for k in keys if k in cases[case]},
               **{f"{k}_std": cases[case][f"{k}_std"] for k in keys if f"{k}_std" in cases[case]}}
     version = publish_model(registry, f"models/transformations/{label}/seed{seed}", params.evaluation.metric,
                             data_hash, commit, {"transformation": dump["transformation"], "seed": seed},
-                            {k: own[k] for k in keys}, extra_tags={"seed": seed, "seed_spread": spread})
+                            {k: own[k] for k in keys if k in own}, extra_tags={"seed": seed, "seed_spread": spread})
     published[label] = {"name": version.name, "version": version.version, "label": version.ref.label}
 promotion = promote(registry, published["models/v3"]["version"], "embeddings", params.registry.champion_alias,
-                    params.registry.promote_map_floor)
+                    params.registry.promote_map_floor,
+                    negative_flip_ceiling=params.registry.promote_negative_flip_ceiling)
 print(f"{params.registry.champion_alias} -> {promotion.version}")
 Path("registry/published.json").write_text(json.dumps(published, indent=2) + "\n")

@@ -21,18 +21,32 @@ def evaluate(
     gallery: Annotated[str, typer.Option(help="Gallery embedding set: a name under --sets-root or a path.")],
     data: Annotated[Path, typer.Option(help="Prepared data folder, relative to --root.")] = Path("data/prepared"),
     split: Annotated[str, typer.Option(help="Split whose images are the queries.")] = "test",
+    baseline: Annotated[str | None, typer.Option(
+        help="Set the gallery was upgraded from, for negative flips (old/old before, these queries after); "
+             "default: the set under --sets-root that the gallery's upgrade.json names, if any.")] = None,
 ) -> None:
-    """Retrieval table (CMC top-k, mAP) of a query model against a gallery set; own items excluded."""
+    """Retrieval table (CMC top-k, mAP) of a query model against a gallery set; own items excluded.
+
+    For an upgraded gallery, also the negative flip rate of the update (queries right under the source set's
+    model and set, wrong now) and the positive flip rate (the reverse)."""
     project: Project = ctx.obj
     gallery_set = project_files.find_set(gallery, project.root, project.sets_root, verify=True)
+    before = (usecase.upgrade_source(gallery_set, project.sets_root) if baseline is None else
+              project_files.find_set(baseline, project.root, project.sets_root, verify=True))
     result = usecase.evaluate_gallery(project.registry(), query_model, gallery_set, project.root / data, split,
-                                        project.settings().evaluation.top_k)
+                                        project.settings().evaluation.top_k, baseline=before)
+    values = result.metrics | (result.flips.metrics() if result.flips is not None else {})
     scores = table(f"retrieval ({gallery_set.manifest.metric})", "case", "query model", "gallery model",
-                   "n_query", "n_gallery", *result.metrics)
+                   "n_query", "n_gallery", *values)
     case = f"{result.query.ref.label}_vs_{gallery_set.path.name}"
     row(scores, case, result.query.ref, gallery_set.manifest.model, result.n_query, gallery_set.manifest.count,
-         *(f"{value:.4f}" for value in result.metrics.values()))
-    console().print(scores)
+         *(f"{value:.4f}" for value in values.values()))
+    out = console()
+    out.print(scores)
+    if result.flips is not None and result.baseline is not None:
+        out.print(f"flips against {result.baseline.path} searched by {result.baseline.manifest.model}: "
+                  f"{result.flips.negative} of {result.flips.n_query} queries right before and wrong now "
+                  f"(negative), {result.flips.positive} the reverse (positive)", markup=False)
 
 
 @app.command()

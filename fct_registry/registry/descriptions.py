@@ -21,6 +21,8 @@ from fct_registry.registry.versions import RegisteredVersion
 
 SCORES = {"cmc_top1": "CMC top-1", "cmc_top5": "CMC top-5", "map": "mAP"}
 """Cross-model retrieval scores a transformation carries (``fct.<key>``), fractions in [0, 1]."""
+FLIPS = {"negative_flips": "negative flip rate", "positive_flips": "positive flip rate"}
+"""Per-query regressions a transformation carries (``fct.<key>``, fractions; Yan et al., CVPR 2021)."""
 MEASURES = {**SCORES, "knn_overlap": "kNN overlap", "train_accuracy": "training accuracy",
             "train_loss": "training loss", "seconds": "training time (s)"}
 """Tags shown as measured numbers when a version has them, with their names in words."""
@@ -158,7 +160,22 @@ def _transformation(version: RegisteredVersion, catalog: Catalog) -> list[str]:
                      f"it: {', '.join(scores)}.{_spread(tags)}")
     else:
         lines.append("No retrieval scores were measured for it.")
+    lines.append(_flips(tags))
     return [*lines, _measured(tags, exclude=SCORES)]
+
+
+def _flips(tags: Mapping[str, str]) -> str:
+    """The negative flip rate in words (empty when the version has none)."""
+    try:
+        negative = float(tags["fct.negative_flips"])
+    except (KeyError, ValueError):
+        return ""
+    positive = f" (and {float(tags['fct.positive_flips']):.3f} the other way, wrong before and right after)" if (
+        "fct.positive_flips" in tags) else ""
+    return (f"Negative flip rate **{negative:.3f}**: the share of queries whose nearest neighbour had the right class "
+            f"before the update ({tags.get('fct.source_label', '?')} searching its own gallery) and the wrong one "
+            f"after it ({tags.get('fct.target_label', '?')} queries against the upgraded gallery){positive}; "
+            "Positive-Congruent Training, Yan et al., CVPR 2021.")
 
 
 def _summary(version: RegisteredVersion, catalog: Catalog) -> str:
@@ -167,6 +184,7 @@ def _summary(version: RegisteredVersion, catalog: Catalog) -> str:
     if version.role == "transformation":
         side = f" + {tags['fct.side_info_label']}" if "fct.side_info_label" in tags else ""
         score = f", mAP {float(tags['fct.map']):.3f}" if "fct.map" in tags else ""
+        score += f", negative flips {float(tags['fct.negative_flips']):.3f}" if "fct.negative_flips" in tags else ""
         return f": {tags.get('fct.source_label', '?')}{side} -> {tags.get('fct.target_label', '?')}{score}"
     aliases = f", alias {', '.join(version.aliases)}" if version.aliases else ""  # "@name" would become a link
     return f": {tags['fct.embedding_dim']}-d{aliases}" if "fct.embedding_dim" in tags else aliases
@@ -232,7 +250,7 @@ def _spread(tags: Mapping[str, str]) -> str:
     if not isinstance(spread, dict) or not spread.get("seeds"):
         return ""
     parts = []
-    for key, word in SCORES.items():
+    for key, word in {**SCORES, "negative_flips": FLIPS["negative_flips"]}.items():
         if f"{key}_mean" in spread:
             std = f" ± {float(spread[f'{key}_std']):.3f}" if f"{key}_std" in spread else ""
             parts.append(f"{word} {float(spread[f'{key}_mean']):.3f}{std}")

@@ -7,6 +7,8 @@ command of the CLI does) stays cheap for the listings.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,9 +21,10 @@ from fct_registry.core.errors import DataError, SearchError
 from fct_registry.registry.model_registry import ModelRegistry
 from fct_registry.registry.versions import RegisteredVersion, input_contract
 from fct_registry.usecases.project import image_sources, sets_under
-from fct_registry.vectors.embedding_set import EmbeddingSet, require_same_model
+from fct_registry.vectors.embedding_set import MANIFEST, EmbeddingSet, require_same_model
 
 if TYPE_CHECKING:
+    from fct_registry.vectors.flips import Flips
     from fct_registry.vectors.search import SearchResult
 
 """The sidecar that ``sets embed`` writes beside a set made from an image folder (``fct_registry.usecases.sets``,
@@ -37,23 +40,35 @@ class Evaluation:
         gallery: The gallery set.
         n_query: Number of query images.
         metrics: ``cmc_top<k>`` and ``map``, fractions in [0, 1] (protocol of :mod:`fct_registry.vectors.metrics`).
+        baseline: The set the gallery was upgraded from, when negative flips were measured against it.
+        flips: Negative / positive flips from (baseline model's queries vs ``baseline``) to (``query`` vs
+            ``gallery``), or None without a baseline.
     """
 
     query: RegisteredVersion
     gallery: EmbeddingSet
     n_query: int
     metrics: dict[str, float]
+    baseline: EmbeddingSet | None = None
+    flips: Flips | None = None
 
 
 def evaluate_gallery(registry: ModelRegistry, query_version: str, gallery: EmbeddingSet, data_dir: str | os.PathLike,
-                     split: str = "test", top_k: Sequence[int] = (1, 5)) -> Evaluation:
+                     split: str = "test", top_k: Sequence[int] = (1, 5), baseline: EmbeddingSet | None = None
+                     ) -> Evaluation:
     """CMC top-k and mAP of a split's images, embedded by a registered backbone, against a stored gallery set.
 
     Query images (N, C, H, W) uint8 are scaled to [0, 1] and embedded with the version's ONNX file (ONNX
     Runtime). A query's own gallery item (same item id) is excluded; distances use the set's metric.
 
+    With a ``baseline`` (the set the gallery was upgraded from, e.g. :func:`upgrade_source`), the negative flips
+    of the update are measured too (Yan et al., CVPR 2021; :mod:`fct_registry.vectors.flips`): before = the same
+    images embedded by the baseline's backbone searching the baseline (old/old), after = this evaluation's queries
+    (the new backbone's embeddings of the split, as the pipeline's upgrade stage scores an upgraded set) searching
+    ``gallery`` (new/upgraded); per-query top-1 hits, own item excluded.
+
     Raises:
-        RegistryError: unknown version.
+        RegistryError: unknown version, or the baseline's model is not a registered backbone.
         VersionMismatchError: the query model differs from the set's model (upgrade the set first).
         DataError: the prepared split is missing.
         SearchError: bad labels or top_k.
@@ -61,7 +76,8 @@ def evaluate_gallery(registry: ModelRegistry, query_version: str, gallery: Embed
     from fct_registry.method.data import load_prepared
     from fct_registry.onnx_boundary.embedding import embed_images
     from fct_registry.onnx_boundary.runtime import OnnxModel
-    from fct_registry.vectors.metrics import retrieval_metrics
+    from fct_registry.vectors.flips import negative_flips
+    from fct_registry.vectors.metrics import retrieval_metrics, top1_correct
 
     query = registry.get("backbone", query_version)
     require_same_model(query.ref, gallery.manifest.model)
@@ -71,7 +87,37 @@ def evaluate_gallery(registry: ModelRegistry, query_version: str, gallery: Embed
     stored = gallery.read()
     metrics = retrieval_metrics(vectors, images.labels, stored.embeddings, stored.labels, gallery.manifest.metric,
                                 query_ids=images.item_ids, gallery_ids=stored.ids, top_k=top_k)
-    return Evaluation(query, gallery, len(images), metrics)
+    if baseline is None:
+        return Evaluation(query, gallery, len(images), metrics)
+    old = registry.find("backbone", baseline.manifest.model)
+    old_model = OnnxModel(registry.onnx_path(old))
+    old_vectors = embed_images(old_model, images.images,
+                               input_contract(old, old_model.input_shapes[old_model.input_names[0]]))
+    before_set = baseline.read()
+    before = top1_correct(old_vectors, images.labels, before_set.embeddings, before_set.labels,
+                          baseline.manifest.metric, query_ids=images.item_ids, gallery_ids=before_set.ids)
+    after = top1_correct(vectors, images.labels, stored.embeddings, stored.labels, gallery.manifest.metric,
+                         query_ids=images.item_ids, gallery_ids=stored.ids)
+    return Evaluation(query, gallery, len(images), metrics, baseline, negative_flips(before, after))
+
+
+UPGRADE_RECORD = "upgrade.json"
+"""The sidecar an upgraded set carries (``PROVENANCE_FILE`` of :mod:`fct_registry.usecases.upgrade`, which this use
+case may not import): ``{"source_manifest_sha256", "source_model", "chain"}``."""
+
+
+def upgrade_source(gallery: EmbeddingSet, sets_root: str | os.PathLike) -> EmbeddingSet | None:
+    """The set under ``sets_root`` that ``gallery`` was upgraded from (its manifest's sha256 is the one the
+    gallery's upgrade record names), or None: not an upgraded set, or its source is not there."""
+    record = gallery.path / UPGRADE_RECORD
+    try:
+        wanted = json.loads(record.read_text())["source_manifest_sha256"] if record.is_file() else None
+    except (ValueError, KeyError, TypeError):
+        return None
+    if wanted is None:
+        return None
+    return next((s for s in sets_under(sets_root)
+                 if hashlib.sha256((s.path / MANIFEST).read_bytes()).hexdigest() == wanted), None)
 
 
 @dataclass(frozen=True)

@@ -86,7 +86,7 @@ def set_flips(source: EmbeddingSet, upgraded: EmbeddingSet, max_queries: int = 1
     An upgrade reads no image, so it has no new-model queries: this measures whether the upgraded vectors keep each
     item's nearest labelled neighbour right among themselves, not what a new-model query sees (that is
     ``new_vs_upgraded`` of the evaluate stage and ``fct-registry evaluate --baseline``). Items with an unknown label
-    (< 0) are never queries and never right answers.
+    (< 0) are left out of both sides (neither queries nor gallery).
 
     Memory stays bounded whatever the set's size: at most ``max_queries`` labelled items (a seeded sample, in set
     order) are both the queries and the gallery, read in batches of ``batch_rows``.

@@ -22,7 +22,8 @@ from fct_registry.registry.versions import input_contract
 from fct_registry.usecases import fit, fit_data, upgrade
 from fct_registry.usecases.features import CACHE_DIR
 from fct_registry.vectors.embedding_set import EmbeddingSet
-from fct_registry.vectors.metrics import knn_overlap, retrieval_metrics
+from fct_registry.vectors.flips import negative_flips
+from fct_registry.vectors.metrics import knn_overlap, retrieval_metrics, top1_correct
 
 PARAMS = TransformationParams(hidden_dim=16, epochs=3, batch_size=8, lr=1e-3)
 
@@ -90,6 +91,12 @@ def test_fit_from_images_registers_the_edge_with_metrics_that_a_recomputation_re
         assert fitted.metrics[key] == pytest.approx(expected[key], abs=1e-6)
     reference = retrieval_metrics(old, labels, old, labels, "l2", ids, ids)
     assert fitted.metrics["old_old_map"] == pytest.approx(reference["map"], abs=1e-6)
+    flips = negative_flips(top1_correct(old, labels, old, labels, "l2", ids, ids),
+                           top1_correct(new, labels, transformed, labels, "l2", ids, ids))
+    assert float(tags["fct.negative_flips"]) == pytest.approx(flips.negative_rate, abs=1e-9)
+    assert float(tags["fct.positive_flips"]) == pytest.approx(flips.positive_rate, abs=1e-9)
+    assert fitted.metrics["positive_flips"] - fitted.metrics["negative_flips"] == pytest.approx(
+        fitted.metrics["cmc_top1"] - fitted.metrics["old_old_cmc_top1"], abs=1e-9)
     assert 0 <= float(tags["fct.knn_overlap"]) <= 1
     assert float(tags["fct.knn_overlap"]) == pytest.approx(knn_overlap(new, transformed, "l2"), abs=1e-6)
 
@@ -121,6 +128,7 @@ def test_unlabelled_validation_reports_the_knn_overlap_and_no_cmc(world, folders
     tags = result.version.tags
     assert not result.labelled and result.version.ref.label == "h-v1-v2-noside"
     assert "fct.side_info_label" not in tags and "fct.cmc_top1" not in tags and "fct.map" not in tags
+    assert "fct.negative_flips" not in tags
     assert 0 <= float(tags["fct.knn_overlap"]) <= 1
     assert transformations(world) == before + 1
 

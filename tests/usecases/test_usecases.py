@@ -28,7 +28,8 @@ from fct_registry.registry.model_registry import ModelRegistry
 from fct_registry.registry.versions import file_sha256
 from fct_registry.usecases import evaluate, models, project, promote, sets, ui, upgrade
 from fct_registry.vectors.embedding_set import EmbeddingSet
-from fct_registry.vectors.metrics import retrieval_metrics
+from fct_registry.vectors.flips import negative_flips
+from fct_registry.vectors.metrics import retrieval_metrics, top1_correct
 from fct_registry.vectors.set_writer import write_embedding_set
 
 
@@ -90,6 +91,13 @@ def test_run_upgrade_records_input_chain_and_output(world, tmp_path):
     assert run.data.params["chain"] == f"{steps[0].name} -> {steps[1].name}"
     assert run.data.params["output_manifest_sha256"] == file_sha256(dest / "manifest.json")
     assert run.data.metrics["rows"] == 50.0 and run.data.tags["fct.kind"] == "upgrade"
+    # negative flips of the upgraded set against its source, each set's own vectors searching it
+    after = output.read()
+    flips = negative_flips(*(top1_correct(batch.embeddings, batch.labels, batch.embeddings, batch.labels, "l2",
+                                          batch.ids, batch.ids) for batch in (source, after)))
+    assert run.data.metrics["negative_flips"] == pytest.approx(flips.negative_rate, abs=1e-12)
+    assert run.data.metrics["positive_flips"] == pytest.approx(flips.positive_rate, abs=1e-12)
+    assert run.data.metrics["flips_queries"] == 50.0 and 0 < flips.negative + flips.positive < 50
 
 
 def test_dry_run_validates_and_writes_nothing(world, tmp_path):
@@ -121,6 +129,23 @@ def test_promote_gate_reachability_and_map_floor(world, tmp_path):
         world.registry.resolve_alias("backbone", "wf-low")  # refused promotions set nothing
 
 
+def test_promote_negative_flip_ceiling_reads_the_registered_link_rates(tmp_path_factory, tmp_path):
+    own = factories.fresh_world(tmp_path_factory)
+    h12 = own.registry.set_tags(own.versions["h-v1-v2"], {"negative_flips": 0.04})
+    h23 = own.versions["h-v2-v3"]  # no registered rate
+    assert promote.registered_negative_flips(own.registry) == {f"{h12.name}/{h12.version}": 0.04}
+    sets_root = factories.copy_sets(own, tmp_path / "sets")
+    (check,) = promote.promote(own.registry, "v2", sets_root, alias="nf-ok", negative_flip_ceiling=0.04).checks
+    assert (check.max_negative_flips, check.problem) == (0.04, None)  # at the ceiling passes
+    with pytest.raises(ChainError, match=r"negative flip rate 0\.040, above the ceiling 0\.039 \(--force overrides"):
+        promote.promote(own.registry, "v2", sets_root, alias="nf-low", negative_flip_ceiling=0.039)
+    with pytest.raises(ChainError, match=rf"link {h23.name}/{h23.version} with no registered negative flip rate, so "
+                                         r"it cannot be held to the ceiling 0\.500"):
+        promote.promote(own.registry, "v3", sets_root, alias="nf-v3", map_floor=0.4, negative_flip_ceiling=0.5)
+    (check,) = promote.promote(own.registry, "v3", sets_root, alias="nf-v3", map_floor=0.4).checks
+    assert (check.min_map, check.max_negative_flips, check.problem) == (0.45, 0.04, None)  # no ceiling: off
+
+
 def test_evaluate_equals_the_metrics_computed_directly(world):
     gallery = EmbeddingSet.open(world.gallery)
     result = evaluate.evaluate_gallery(world.registry, "v1", gallery, world.root / "data" / "prepared")
@@ -132,6 +157,29 @@ def test_evaluate_equals_the_metrics_computed_directly(world):
     assert result.metrics == expected and result.n_query == 50
     with pytest.raises(VersionMismatchError, match="differs from gallery model"):
         evaluate.evaluate_gallery(world.registry, "@champion", gallery, world.root / "data" / "prepared")
+
+
+def test_evaluate_an_upgraded_gallery_measures_negative_flips_against_its_source(world, tmp_path):
+    sets_root = factories.copy_sets(world, tmp_path / "sets")
+    source = EmbeddingSet.open(sets_root / "gallery_v1")
+    upgraded = upgrade.run_upgrade(world.registry, source, world.versions["v3"], sets_root / "gallery_v1@v3").output
+    assert evaluate.UPGRADE_RECORD == upgrade.PROVENANCE_FILE
+    assert evaluate.upgrade_source(upgraded, sets_root).path == source.path
+    assert evaluate.upgrade_source(source, sets_root) is None  # not an upgraded set
+    assert evaluate.upgrade_source(upgraded, tmp_path / "elsewhere") is None
+    data = world.root / "data" / "prepared"
+    result = evaluate.evaluate_gallery(world.registry, "v3", upgraded, data, baseline=source)
+    assert result.metrics == evaluate.evaluate_gallery(world.registry, "v3", upgraded, data).metrics
+    split = world.zoo.splits["test"]
+    hits = []
+    for key, embedding_set in (("v1", source), ("v3", upgraded)):
+        queries = embed_images(OnnxModel(world.zoo.dirs[key] / "model.onnx"), split.images)
+        stored = embedding_set.read()
+        hits.append(top1_correct(queries, split.labels, stored.embeddings, stored.labels, "l2", split.item_ids,
+                                 stored.ids))
+    want = negative_flips(*hits)
+    assert result.flips == want and result.baseline == source and want.n_query == 50
+    assert want.positive_rate - want.negative_rate == pytest.approx(result.metrics["cmc_top1"] - hits[0].mean())
 
 
 def test_search_finds_each_image_first_in_a_gallery_of_the_champion(world, tmp_path):

@@ -1,14 +1,16 @@
-"""CMC / mAP against hand-computed values and a plain Python loop; table, gap and headline."""
+"""CMC / mAP, per-query top-1 and negative flips against hand-computed values and a plain Python loop; table, gap
+and headline."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from metric_oracle import float_score, oracle_metrics
+from metric_oracle import float_score, oracle_flips, oracle_metrics, oracle_top1
 
 from fct_registry.core.errors import SearchError
-from fct_registry.vectors.compatibility import compatibility_table, gap_closed, headline
-from fct_registry.vectors.metrics import knn_overlap, retrieval_metrics
+from fct_registry.vectors.compatibility import compatibility_table, gap_closed, headline, summary
+from fct_registry.vectors.flips import Flips, negative_flips
+from fct_registry.vectors.metrics import knn_overlap, retrieval_metrics, top1_correct
 
 
 def reference_metrics(queries, query_labels, gallery, gallery_labels, metric, query_ids, gallery_ids, top_k):
@@ -123,6 +125,46 @@ def test_bad_arguments():
         retrieval_metrics(x, [0, 1], x, [0, 1])  # type: ignore[call-arg]
 
 
+# Six items on a line, classes 0 0 1 1 2 2, the test split against itself (own item excluded by id).
+# old: 0 1 10 11 20 40 -> top-1 neighbours 1 0 3 2 3 4: all right but item 4 (its nearest, 11, is class 1)
+# new: 0 5 3 11 20 21 -> top-1 neighbours 2 2 1 1 5 4: only items 4 and 5 right
+FLIP_LABELS, FLIP_IDS = [0, 0, 1, 1, 2, 2], [30, 31, 32, 33, 34, 35]
+OLD_LINE, NEW_LINE = [[0.0], [1.0], [10.0], [11.0], [20.0], [40.0]], [[0.0], [5.0], [3.0], [11.0], [20.0], [21.0]]
+
+
+def test_negative_flips_on_a_hand_built_update():
+    metric = "l2"
+    hits = [top1_correct(x, FLIP_LABELS, x, FLIP_LABELS, metric, FLIP_IDS, FLIP_IDS, batch_size=4)
+            for x in (OLD_LINE, NEW_LINE)]
+    assert [h.tolist() for h in hits] == [[True, True, True, True, False, True],
+                                          [False, False, False, False, True, True]]
+    assert [h.tolist() for h in hits] == [oracle_top1(x, FLIP_LABELS, x, FLIP_LABELS, metric, FLIP_IDS, FLIP_IDS,
+                                                      float_score) for x in (OLD_LINE, NEW_LINE)]
+    flips = negative_flips(*hits)
+    assert flips == Flips(negative=4, positive=1, n_query=6)  # items 0-3 broke, item 4 was fixed
+    assert flips.metrics() == pytest.approx({"negative_flips": 4 / 6, "positive_flips": 1 / 6})
+    assert flips.metrics() == pytest.approx(oracle_flips(*(h.tolist() for h in hits)))
+    assert negative_flips(hits[1], hits[0]) == Flips(negative=1, positive=4, n_query=6)  # the update undone
+
+
+def test_top1_of_a_query_whose_only_gallery_item_is_its_own_is_a_miss():
+    assert top1_correct([[1.0, 0.0]], [3], [[1.0, 0.0]], [3], "cosine", [7], [7]).tolist() == [False]
+    assert top1_correct([[1.0, 0.0]], [3], [[1.0, 0.0]], [3], "cosine").tolist() == [True]  # no ids: itself
+    with pytest.raises(SearchError, match="batch_size"):
+        top1_correct([[1.0]], [0], [[1.0]], [0], "l2", batch_size=0)
+    with pytest.raises(SearchError, match="query_labels must be >= 0"):
+        top1_correct([[1.0]], [-1], [[1.0]], [0], "l2")
+
+
+def test_negative_flips_refuses_what_is_not_two_aligned_bool_vectors():
+    with pytest.raises(SearchError, match=r"before must be a non-empty 1-D bool array .* got int64 \(2,\)"):
+        negative_flips(np.array([1, 0]), np.array([True, False]))
+    with pytest.raises(SearchError, match=r"after must be a non-empty 1-D bool array .* got bool \(0,\)"):
+        negative_flips(np.array([True]), np.array([], dtype=bool))
+    with pytest.raises(SearchError, match="same queries, got 2 and 3 queries"):
+        negative_flips(np.ones(2, dtype=bool), np.ones(3, dtype=bool))
+
+
 CASES = {"old_vs_old": {"cmc_top1": 0.464, "map": 0.283},
          "new_vs_new": {"cmc_top1": 0.684, "map": 0.456},
          "new_vs_upgraded": {"cmc_top1": 0.651}}
@@ -155,6 +197,21 @@ def test_headline_is_fct_and_the_share_of_the_gap_it_closes():
                                              "map_gap_closed": 15.7 / 17.3})
     with pytest.raises(KeyError):
         headline(CASES)  # new_vs_upgraded has no mAP
+
+
+def test_headline_and_summary_carry_fct_and_bct_negative_flips():
+    cases = {"old_vs_old": {"cmc_top1": 0.68, "map": 0.5},
+             "new_vs_new": {"cmc_top1": 0.89, "map": 0.8, "negative_flips": 0.036},
+             "bct_vs_old": {"cmc_top1": 0.53, "map": 0.4, "negative_flips": 0.282},
+             "new_vs_upgraded_noside": {"cmc_top1": 0.83, "map": 0.7, "negative_flips": 0.069},
+             "new_vs_upgraded": {"cmc_top1": 0.86, "map": 0.75, "negative_flips": 0.052, "negative_flips_std": 0.002}}
+    top = headline(cases)
+    assert (top["negative_flips"], top["bct_negative_flips"]) == (0.052, 0.282)
+    assert {k: v for k, v in summary(cases).items() if "flips" in k} == {
+        "fct_negative_flips": 0.052, "noside_negative_flips": 0.069, "bct_negative_flips": 0.282}
+    assert compatibility_table(cases).splitlines()[:3] == [
+        "| case | cmc_top1 | map | negative_flips | negative_flips_std |", "|---|---:|---:|---:|---:|",
+        "| old_vs_old | 0.6800 | 0.5000 | - | - |"]
 
 
 def knn_overlap_by_loop(new: np.ndarray, transformed: np.ndarray, k: int) -> float:
