@@ -9,6 +9,7 @@ import typer
 
 from fct_registry.core.config import load_params
 from fct_registry.core.errors import report_errors_in_one_line
+from fct_registry.method.classifier import LinearClassifier
 from fct_registry.method.data import load_prepared
 from fct_registry.method.training import train_backbone
 from fct_registry.onnx_boundary.model_files import write_model_dir
@@ -28,6 +29,7 @@ def main(section: Literal["new", "v3"]) -> None:
     model, metrics = train_backbone(train, int(train.labels.max()) + 1, backbone, params.seed, on_epoch=log_epoch)
     write_model_dir(model.backbone, Path(f"models/{section}"), "backbone", backbone.version, metrics,
                     train.images.shape[1:])
+    LinearClassifier.of(model.head).save(f"models/{section}")  # W_new, for FastFill's loss (train_transformations)
     Path("metrics").mkdir(exist_ok=True)
     Path(f"metrics/train_{section}.json").write_text(json.dumps(metrics, indent=2) + "\n")
     print(f"train_backbone@{section}: {len(train)} images, {backbone.epochs} epochs in {metrics['seconds']:.0f} s "

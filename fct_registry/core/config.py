@@ -74,6 +74,9 @@ class SideInfoParams(_Section):
     """Self-supervised side-information model (SimCLR, Chen et al. 2020), ``side_info:``."""
 
     version: str = "s1"
+    arch: Literal["small_cnn", "cnn"] = "small_cnn"
+    """Encoder: ``small_cnn`` (2 conv blocks: width, 2 width channels) or ``cnn`` (3 blocks: width, 2 width,
+    4 width), see :mod:`fct_registry.method.models.backbone`."""
     width: PositiveInt = 32
     embedding_dim: PositiveInt = 128
     projection_dim: PositiveInt = 64
@@ -93,6 +96,25 @@ class TransformationParams(_Section):
     weight_decay: float = Field(default=0.0, ge=0)
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     training_data: Literal["cached_features", "augmented"] = "cached_features"
+    loss: Literal["mse", "fastfill"] = "mse"
+    """``mse``: FCT's MSE to the new embedding. ``fastfill``: FastFill's uncertainty-weighted MSE + classification
+    loss (Jaeckle et al., ICLR 2023, Sec. 4); h then also outputs sigma and needs the new backbone's classifier."""
+    label_smoothing: float = Field(default=0.1, ge=0, lt=1)
+    """FastFill's classification term: label smoothing of the cross-entropy of the frozen new classifier on h."""
+
+
+class BackfillParams(_Section):
+    """FastFill's backfill curves (``backfill:``; Jaeckle et al., ICLR 2023, Sec. 5): the stage's cost and protocol.
+
+    ``points``: fractions i / (points - 1), 22 in the paper. ``queries``: test items sampled (seeded) as queries of
+    each curve point, the gallery being the whole test split. ``oracle_seeds``: how many seeds of h get the
+    reference curves (``fastfill_random``, ``distance_oracle``); the target curves use every seed.
+    """
+
+    points: int = Field(default=22, ge=2)
+    queries: PositiveInt = 2000
+    seed: int = 0
+    oracle_seeds: PositiveInt = 1
 
 
 class EvaluationParams(_Section):
@@ -109,7 +131,36 @@ class RegistryParams(_Section):
     tracking_uri: str | None = None
     champion_alias: str = "champion"
     promote_map_floor: float = Field(default=0.0, ge=0, le=1)
+    promote_negative_flip_ceiling: float | None = Field(default=None, ge=0, le=1)
+    """Largest registered negative flip rate (``fct.negative_flips``) a chain's link may have; None: no ceiling."""
 
+
+
+class ServingParams(_Section):
+    """The search index of ``fct-registry serve`` (``serving:``): exact, or an approximate faiss index built once per
+    set and stored beside it (:mod:`fct_registry.vectors.ann_index`). Compatibility metrics never use it.
+
+    ``index``: ``exact`` (faiss IndexFlat, every item scored), ``ivf`` (IVF-Flat: Jegou et al., TPAMI 2011 inverted
+    lists over k-means cells), ``ivfpq`` (IVF with product-quantized residuals, Jegou et al., TPAMI 2011: ``pq_m``
+    bytes per item with 8-bit codes) or ``hnsw`` (HNSW graph, Malkov & Yashunin, TPAMI 2018).
+    Build knobs (change the stored index): ``nlist`` (k-means cells; None: sqrt(n_gallery) rounded to a power of
+    two, at most n_gallery / 39), ``pq_m``/``pq_nbits``, ``hnsw_m``, ``ef_construction``, ``train_size`` (vectors
+    the k-means and PQ are trained on; None: 64 per cell), ``seed`` (training sample and held-out queries).
+    Search knobs (applied when loading; recall re-measured): ``nprobe`` (cells scanned), ``ef_search``.
+    ``recall_queries``: items of the set used as held-out queries when recall@10 is measured.
+    """
+
+    index: Literal["exact", "ivf", "ivfpq", "hnsw"] = "ivf"
+    nlist: PositiveInt | None = None
+    nprobe: PositiveInt = 16
+    pq_m: PositiveInt = 32
+    pq_nbits: int = Field(default=8, ge=1, le=16)
+    hnsw_m: int = Field(default=16, ge=2, le=256)
+    ef_construction: PositiveInt = 40
+    ef_search: PositiveInt = 64
+    train_size: PositiveInt | None = None
+    recall_queries: PositiveInt = 1000
+    seed: int = 0
 
 class Params(_Section):
     """The whole ``params.yaml``."""
@@ -124,8 +175,10 @@ class Params(_Section):
     bct: BctParams
     v3: BackboneParams
     transformation: TransformationParams = TransformationParams()
+    backfill: BackfillParams = BackfillParams()
     evaluation: EvaluationParams = EvaluationParams()
     registry: RegistryParams = RegistryParams()
+    serving: ServingParams = ServingParams()
 
     @model_validator(mode="after")
     def _bct_keeps_old_dim(self) -> Params:

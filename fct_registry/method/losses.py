@@ -1,4 +1,5 @@
-"""Training losses: NT-Xent (SimCLR), BCT's influence loss, and the forward-transformation loss."""
+"""Training losses: NT-Xent (SimCLR), BCT's influence loss, and the forward-transformation losses (FCT's MSE and
+FastFill's uncertainty-weighted loss)."""
 
 from __future__ import annotations
 
@@ -56,3 +57,31 @@ def transformation_loss(predicted: torch.Tensor, target: torch.Tensor) -> torch.
         target: (B, d_new) float32, the new model's embedding of the same images.
     """
     return F.mse_loss(predicted, target)
+
+
+def fastfill_loss(predicted: torch.Tensor, sigma: torch.Tensor, target: torch.Tensor, classifier: torch.nn.Linear,
+                  labels: torch.Tensor, label_smoothing: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+    """FastFill's transformation loss (Jaeckle et al., ICLR 2023, arXiv 2303.04766, Sec. 4, Eq. 3-5).
+
+    Per item i: L_i = MSE(phi_new(x_i), h(x_i)) + CE_ls(W_new h(x_i), y_i), the second term the new backbone's
+    frozen classifier applied to the transformed feature (label-smoothed cross-entropy); the loss is
+    mean_i [0.5 exp(-sigma_i) L_i + 0.5 sigma_i], so sigma_i learns the log of item i's expected L_i (items h maps
+    badly get a large sigma and are backfilled first).
+
+    Args:
+        predicted: (B, d_new) float32, h(old embedding, side-info).
+        sigma: (B, 1) float32, h's predicted log-variance.
+        target: (B, d_new) float32, the new model's embedding of the same images.
+        classifier: the new backbone's frozen head, weight (n_classes, d_new).
+        labels: (B,) int64 class labels in 0..n_classes-1.
+        label_smoothing: of the cross-entropy term, in [0, 1).
+
+    Returns:
+        The scalar loss, and the batch's plain MSE (mean over items and dims, detached) for progress output.
+    """
+    per_item = (predicted - target).square().mean(dim=1)
+    per_item = per_item + F.cross_entropy(classifier(predicted), labels, reduction="none",
+                                          label_smoothing=label_smoothing)
+    sigma = sigma.squeeze(1)
+    loss = (0.5 * torch.exp(-sigma) * per_item + 0.5 * sigma).mean()
+    return loss, F.mse_loss(predicted.detach(), target)

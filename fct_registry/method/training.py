@@ -17,8 +17,9 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
 
 from fct_registry.core.config import BackboneParams, SideInfoParams, TransformationParams
+from fct_registry.method.classifier import LinearClassifier
 from fct_registry.method.data import Split
-from fct_registry.method.losses import influence_loss, nt_xent, transformation_loss
+from fct_registry.method.losses import fastfill_loss, influence_loss, nt_xent, transformation_loss
 from fct_registry.method.models.backbone import Backbone, Classifier
 from fct_registry.method.models.side_info import SideInfoModel
 from fct_registry.method.models.transformation import ForwardTransformation
@@ -190,7 +191,8 @@ def train_side_info(split: Split, params: SideInfoParams, seed: int, on_epoch: E
 
     Args:
         split: training images (N, C, H, W) uint8 (labels are ignored).
-        params: encoder width, side-info dim d_side, projection dim, temperature, optimiser settings.
+        params: encoder architecture and width, side-info dim d_side, projection dim, temperature, optimiser
+            settings.
         seed: seeds initialisation, data order and augmentations.
         on_epoch: optional callback given the 0-based epoch index and ``{"train_loss", "seconds"}`` of that epoch
             (see :data:`EpochCallback`).
@@ -199,7 +201,8 @@ def train_side_info(split: Split, params: SideInfoParams, seed: int, on_epoch: E
         The model in eval mode (``forward`` gives side-info (B, d_side)) and metrics ``train_loss``, ``seconds``.
     """
     generator = seed_everything(seed)
-    model = SideInfoModel(params.embedding_dim, params.projection_dim, params.width, split.images.shape[1])
+    model = SideInfoModel(params.embedding_dim, params.projection_dim, params.width, split.images.shape[1],
+                          params.arch)
     images = torch.from_numpy(split.images)
     steps = params.epochs * math.ceil(len(split) / params.batch_size)
     optimizer, scheduler = _cosine_adam(model, params.lr, 1e-6, steps)
@@ -241,43 +244,64 @@ def augmented_features(images: np.ndarray, old: nn.Module, side_info: nn.Module 
 
 
 def train_transformation(features: FeatureEpoch, params: TransformationParams, seed: int,
-                         on_epoch: EpochCallback | None = None) -> tuple[ForwardTransformation, dict]:
-    """Train the forward transformation h with MSE to the new embedding (FCT, Ramanujan et al., CVPR 2022, Sec. 3).
+                         on_epoch: EpochCallback | None = None,
+                         fastfill: tuple[np.ndarray, LinearClassifier] | None = None
+                         ) -> tuple[ForwardTransformation, dict]:
+    """Train the forward transformation h (FCT, Ramanujan et al., CVPR 2022, Sec. 3), with FCT's MSE to the new
+    embedding (``params.loss == "mse"``) or FastFill's loss (``"fastfill"``: Jaeckle et al., ICLR 2023, Sec. 4;
+    see :func:`~fct_registry.method.losses.fastfill_loss`), which also trains h's uncertainty head.
 
     Adam with a cosine schedule, as ml-fct. ``features(0)`` fixes the dims: d_old, d_side (0 when side-info
     is None: the paper's ablation without side-info) and d_new.
 
     Args:
         features: per-epoch source of (old (N, d_old), side-info (N, d_side) or None, new (N, d_new)) float32.
-        params: hidden width, epochs, batch size, learning rate.
+        params: hidden width, epochs, batch size, learning rate, loss and label smoothing.
         seed: seeds initialisation and data order.
         on_epoch: optional callback given the 0-based epoch index and ``{"train_mse": mean over the epoch's
             rows, "seconds": since training started}`` after each epoch (for progress output); it reads values
             already computed, so training is numerically identical with or without it.
+        fastfill: for the FastFill loss, the rows' labels (N,) int64 and the new backbone's classifier
+            (n_classes, d_new).
 
     Returns:
-        h in eval mode and metrics ``train_mse`` (last epoch, mean over rows) and ``seconds``.
+        h in eval mode and metrics ``train_mse`` (last epoch, mean over rows), ``train_loss`` and ``seconds``.
+
+    Raises:
+        ValueError: the FastFill loss without ``fastfill``, or ``fastfill`` with the MSE loss.
     """
+    if (params.loss == "fastfill") != (fastfill is not None):
+        raise ValueError(f"transformation loss {params.loss!r} {'needs' if fastfill is None else 'takes no'} "
+                         "labels and a classifier")
     generator = seed_everything(seed)
     old, side, new = features(0)
-    model = ForwardTransformation(old.shape[1], new.shape[1], 0 if side is None else side.shape[1], params.hidden_dim)
+    model = ForwardTransformation(old.shape[1], new.shape[1], 0 if side is None else side.shape[1], params.hidden_dim,
+                                  uncertainty=fastfill is not None)
+    classifier = fastfill[1].frozen_linear() if fastfill is not None else None
     steps = params.epochs * math.ceil(old.shape[0] / params.batch_size)
     optimizer, scheduler = _cosine_adam(model, params.lr, params.weight_decay, steps)
     start = time.perf_counter()
     for epoch in range(params.epochs):
         old, side, new = features(epoch)
         model.train()
-        tensors = tuple(torch.from_numpy(a) for a in (old, new) + ((side,) if side is not None else ()))
-        loss_sum, seen = 0.0, 0
+        labels = (fastfill[0],) if fastfill is not None else ()
+        tensors = tuple(torch.from_numpy(a) for a in (old, new, *labels) + ((side,) if side is not None else ()))
+        loss_sum, mse_sum, seen = 0.0, 0.0, 0
         for batch in _batches(tensors, params.batch_size, True, generator):
-            predicted = model(batch[0], batch[2] if side is not None else None)
-            loss = transformation_loss(predicted, batch[1])
+            side_batch = batch[-1] if side is not None else None
+            if classifier is None:
+                loss = mse = transformation_loss(model(batch[0], side_batch), batch[1])
+            else:
+                predicted, sigma = model(batch[0], side_batch)
+                loss, mse = fastfill_loss(predicted, sigma, batch[1], classifier, batch[2], params.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
             loss_sum += loss.item() * len(batch[0])
+            mse_sum += mse.item() * len(batch[0])
             seen += len(batch[0])
         if on_epoch is not None:
-            on_epoch(epoch, {"train_mse": loss_sum / seen, "seconds": time.perf_counter() - start})
-    return model.eval(), {"train_mse": loss_sum / seen, "seconds": time.perf_counter() - start}
+            on_epoch(epoch, {"train_mse": mse_sum / seen, "seconds": time.perf_counter() - start})
+    return model.eval(), {"train_mse": mse_sum / seen, "train_loss": loss_sum / seen,
+                          "seconds": time.perf_counter() - start}

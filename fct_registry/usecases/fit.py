@@ -13,7 +13,9 @@ Validation (what is registered as the version's ``fct.*`` metric tags):
 - labelled items (class folders, or a ``label`` column >= 0): FCT's cross-model retrieval (Sec. 5): queries are the
   NEW model's embeddings, the gallery is h(old[, side-info]) of the same items, each query's own item excluded;
   CMC top-k (``cmc_top1``, ``cmc_top5``, ...) and ``map`` (:func:`fct_registry.vectors.metrics.retrieval_metrics`),
-  plus ``old_old_*`` and ``new_new_*`` (each model against itself) for reference;
+  plus ``old_old_*`` and ``new_new_*`` (each model against itself) for reference, and ``negative_flips`` (the
+  share of validation items whose top-1 neighbour is right under old/old and wrong under new-vs-h(old); Yan et al.,
+  CVPR 2021) with ``positive_flips`` (the reverse);
 - always, the label-free ``knn_overlap``: for each validation item i, the set A_i of its k nearest neighbours among
   the other items' NEW embeddings and the set B_i of its k nearest among the other items' h(old) vectors, both
   searched with the new embedding of i; ``knn_overlap = mean_i |A_i ∩ B_i| / k`` in [0, 1], with k = min(10, N_val -
@@ -49,6 +51,7 @@ from fct_registry.usecases.fit_data import FitData, FitModels, image_data, pairs
 from fct_registry.usecases.project import PARAMS_FILE, load_settings
 
 if TYPE_CHECKING:
+    from fct_registry.method.classifier import LinearClassifier
     from fct_registry.method.training import FeatureEpoch
 
 OVERLAP_K = 10
@@ -63,7 +66,7 @@ class FitResult:
         version: The registered transformation version (tags ``fct.source_*``, ``fct.target_*``,
             ``fct.side_info_*`` and one ``fct.<metric>`` per key of ``metrics``).
         metrics: Registered metrics: ``train_mse``, ``seconds``, ``knn_overlap``, and with labels ``cmc_top<k>``,
-            ``map``, ``old_old_*``, ``new_new_*``.
+            ``map``, ``old_old_*``, ``new_new_*``, ``negative_flips``, ``positive_flips``.
         labelled: Whether CMC / mAP were measured.
         n_train: Training rows.
         n_val: Validation rows.
@@ -134,13 +137,16 @@ def validation_metrics(onnx_path: str | os.PathLike, data: FitData, metric: str,
     """Measure an exported h on the validation rows (see the module docstring for the protocol).
 
     Returns:
-        ``knn_overlap`` and, with labels, ``cmc_top<k>`` and ``map`` of new-vs-h(old), ``old_old_*`` and
-        ``new_new_*``; fractions in [0, 1].
+        ``knn_overlap`` and, with labels, ``cmc_top<k>`` and ``map`` of new-vs-h(old), ``old_old_*``,
+        ``new_new_*``, and ``negative_flips`` / ``positive_flips`` (validation items whose top-1 neighbour was
+        right under old/old and is wrong under new-vs-h(old), and the reverse; Yan et al., CVPR 2021); fractions
+        in [0, 1].
 
     Raises:
         SearchError: non-finite vectors (e.g. a diverged h).
     """
-    from fct_registry.vectors.metrics import knn_overlap, retrieval_metrics  # faiss, loaded only to validate
+    from fct_registry.vectors.flips import negative_flips
+    from fct_registry.vectors.metrics import knn_overlap, retrieval_metrics, top1_correct  # faiss: only to validate
 
     old, side, new = data.val
     transformed = apply_onnx(onnx_path, old, side)
@@ -152,6 +158,8 @@ def validation_metrics(onnx_path: str | os.PathLike, data: FitData, metric: str,
         metrics |= score(new, transformed)
         metrics |= {f"old_old_{key}": value for key, value in score(old, old).items()}
         metrics |= {f"new_new_{key}": value for key, value in score(new, new).items()}
+        top1 = lambda query, gallery: top1_correct(query, labels, gallery, labels, metric, ids, ids)  # noqa: E731
+        metrics |= negative_flips(top1(old, old), top1(new, transformed)).metrics()
     return metrics
 
 
@@ -219,7 +227,8 @@ def fit_transformation(registry: ModelRegistry, source: str, target: str, side_i
 
 def train_to_model_dir(features: FeatureEpoch, params: TransformationParams, seed: int, label: str,
                        links: dict[str, ModelRef], out_dir: str | os.PathLike,
-                       on_epoch: Callable[[int, dict[str, float]], None] | None = None
+                       on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+                       fastfill: tuple[np.ndarray, LinearClassifier] | None = None
                        ) -> tuple[ModelCard, dict[str, float]]:
     """Train h (FCT Sec. 3) and write its model folder: the one training path of ``fit`` and the DVC pipeline.
 
@@ -232,6 +241,8 @@ def train_to_model_dir(features: FeatureEpoch, params: TransformationParams, see
         links: ``source``, ``target`` and optionally ``side_info`` model refs.
         out_dir: The model folder to write (``model.pt``, ``model.onnx`` checked against torch, ``model.json``).
         on_epoch: Optional ``(epoch from 0, {"train_mse": ...})`` callback.
+        fastfill: With ``params.loss == "fastfill"``: the training rows' labels (N,) int64 and the target backbone's
+            classifier (FastFill, Jaeckle et al., ICLR 2023); h then also outputs its uncertainty.
 
     Returns:
         The folder's model card and the training metrics (``train_mse``, ``seconds``).
@@ -242,7 +253,7 @@ def train_to_model_dir(features: FeatureEpoch, params: TransformationParams, see
     from fct_registry.method.training import train_transformation  # torch, loaded only to train
     from fct_registry.onnx_boundary.model_files import write_model_dir
 
-    h, train_metrics = train_transformation(features, params, seed, on_epoch=on_epoch)
+    h, train_metrics = train_transformation(features, params, seed, on_epoch=on_epoch, fastfill=fastfill)
     return write_model_dir(h, out_dir, "transformation", label, train_metrics, links=links), train_metrics
 
 

@@ -6,6 +6,8 @@ import torch
 from factories import striped_split
 
 from fct_registry.core.config import BackboneParams, SideInfoParams, TransformationParams
+from fct_registry.core.errors import DataError
+from fct_registry.method.classifier import LinearClassifier, fit_linear_classifier
 from fct_registry.method.data import Split
 from fct_registry.method.models.backbone import Backbone, Classifier
 from fct_registry.method.training import (
@@ -102,3 +104,45 @@ def test_augment_is_seeded_in_range_and_per_image():
     assert a.min() >= 0 and a.max() <= 1
     same = augment(images[:1].repeat(6, 1, 1, 1), torch.Generator().manual_seed(1))
     assert not torch.allclose(same[0], same[1])
+
+
+def test_fastfill_sigma_ranks_the_items_h_cannot_predict_first():
+    """FastFill (Jaeckle et al., ICLR 2023): half the items' new embeddings are a function of the old one, half are
+    noise h cannot predict; the learned sigma must put the unpredictable half first."""
+    rng = np.random.default_rng(3)
+    n, d_new = 2048, 6
+    old = rng.standard_normal((n, 4)).astype(np.float32)
+    noisy = np.arange(n) % 2 == 1
+    old[:, 0] = np.where(noisy, 2.0, -2.0) + 0.1 * old[:, 0]  # h can tell the two halves apart
+    new = (old @ rng.standard_normal((4, d_new))).astype(np.float32)
+    new[noisy] += 3 * rng.standard_normal((noisy.sum(), d_new)).astype(np.float32)
+    labels = (new[:, 0] > 0).astype(np.int64)
+    classifier = LinearClassifier(np.eye(2, d_new, dtype=np.float32) * [[-1], [1]], np.zeros(2, np.float32))
+    params = TransformationParams(hidden_dim=64, epochs=15, batch_size=128, lr=3e-3, seeds=[0], loss="fastfill")
+    h, metrics = train_transformation(cached_features(old, None, new), params, seed=0, fastfill=(labels, classifier))
+    with torch.no_grad():
+        _, sigma = h.eval()(torch.from_numpy(old))
+    sigma = sigma.numpy()[:, 0]
+    first_half = np.argsort(-sigma, kind="stable")[: n // 2]
+    assert noisy[first_half].mean() > 0.95, noisy[first_half].mean()
+    assert set(metrics) == {"train_mse", "train_loss", "seconds"}
+    with pytest.raises(ValueError, match="'fastfill' needs labels and a classifier"):
+        train_transformation(cached_features(old, None, new), params, seed=0)
+
+
+def test_linear_classifier_fit_separates_classes_and_round_trips(tmp_path):
+    rng = np.random.default_rng(4)
+    labels = np.repeat(np.arange(3), 200)
+    embeddings = (np.eye(3, 5)[labels] * 4 + rng.standard_normal((600, 5))).astype(np.float32)
+    classifier, accuracy = fit_linear_classifier(embeddings, labels, epochs=20, batch_size=64)
+    assert accuracy > 0.95
+    assert classifier.weight.shape == (3, 5) and classifier.bias.shape == (3,)
+    logits = embeddings @ classifier.weight.T + classifier.bias
+    assert (logits.argmax(1) == labels).mean() == pytest.approx(accuracy, abs=1e-6)
+    classifier.save(tmp_path)
+    loaded = LinearClassifier.load(tmp_path)
+    np.testing.assert_array_equal(loaded.weight, classifier.weight)
+    np.testing.assert_array_equal(loaded.frozen_linear()(torch.from_numpy(embeddings)).detach().numpy().argmax(1),
+                                  logits.argmax(1))
+    with pytest.raises(DataError, match="no classifier head at"):
+        LinearClassifier.load(tmp_path / "missing")

@@ -24,13 +24,16 @@ class SideInfoModel(nn.Module):
         projection_dim: size of the projection head output (training only, never exported).
         width: first-stage channels of the convolutional encoder.
         channels: image channels.
+        arch: the encoder's architecture (``small_cnn``: 2 conv blocks; ``cnn``: 3 blocks, a richer side-info
+            whose pooled feature has 4 * width channels; see ``backbone.ARCHITECTURES``).
     """
 
-    def __init__(self, embedding_dim: int, projection_dim: int, width: int = 32, channels: int = 1) -> None:
+    def __init__(self, embedding_dim: int, projection_dim: int, width: int = 32, channels: int = 1,
+                 arch: str = "small_cnn") -> None:
         super().__init__()
         self.init_kwargs = dict(embedding_dim=embedding_dim, projection_dim=projection_dim, width=width,
-                                channels=channels)
-        self.encoder = Backbone("small_cnn", embedding_dim, width=width, channels=channels)
+                                channels=channels, arch=arch)
+        self.encoder = Backbone(arch, embedding_dim, width=width, channels=channels)
         self.projection = nn.Sequential(
             nn.ReLU(), nn.Linear(embedding_dim, embedding_dim), nn.ReLU(), nn.Linear(embedding_dim, projection_dim))
         self.embedding_dim = embedding_dim
