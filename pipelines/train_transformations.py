@@ -4,7 +4,8 @@ Trains h(v1, side-info) -> v2 and the ablation h(v1) -> v2 for every seed, then 
 the direct h(v1, side-info) -> v3 with the first seed, all with ``transformation.loss``; then, for the
 backfill curves, h(v1[, side-info]) -> v2 with the other loss (label suffix ``-mse`` or ``-fastfill``) for every
 seed. FastFill's loss reads the target backbone's classifier (``models/<target>/classifier.npz``). Cached features
-come from each model's ONNX file through ONNX Runtime and h is trained and exported by ``train_to_model_dir``: the same path as ``fct-registry fit``.
+come from each model's ONNX file through ONNX Runtime and h is trained and exported by ``train_to_model_dir``: the
+same path as ``fct-registry fit``.
 """
 
 import time
