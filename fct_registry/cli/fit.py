@@ -39,12 +39,15 @@ def fit(
     batch_size: Annotated[int | None, typer.Option(min=1, help="Batch size (default: transformation.batch_size)."
                                                    )] = None,
     seed: Annotated[int | None, typer.Option(help="Seed (default: transformation.seeds[0]).")] = None,
+    loss: Annotated[str | None, typer.Option(help="mse (FCT) or fastfill (FastFill: adds the target's classifier "
+                                                  "term and an uncertainty output for backfill --order uncertainty; "
+                                                  "needs labelled items) (default: transformation.loss).")] = None,
 ) -> None:
     """Fit h(old[, side-info]) -> new on images or vector pairs, export and validate it, and register it."""
     project: Project = ctx.obj
     registry = project.registry()
     params = usecase.transformation_params(project.root, epochs=epochs, lr=lr, hidden_dim=hidden_dim,
-                                           batch_size=batch_size)
+                                           batch_size=batch_size, loss=loss)
     out = console()
     with ExitStack() as stack:
         if out.is_terminal:
@@ -98,5 +101,8 @@ def fit(
         row(summary, "new vs h(old)", f"{m['knn_overlap']:.4f}")
     out.print(summary)
     side = f", side-info {version.tags['fct.side_info_label']}" if "fct.side_info_label" in version.tags else ""
+    if "classifier_accuracy" in m:
+        out.print(f"FastFill loss: W_new is a {usecase.CLASSIFIER_NOTE} (training accuracy "
+                  f"{m['classifier_accuracy']:.4f})", markup=False)
     out.print(f"registered {named(version)} ({version.ref}): {version.tags['fct.source_label']} -> "
               f"{version.tags['fct.target_label']}{side}; train MSE {m['train_mse']:.6f}", markup=False)

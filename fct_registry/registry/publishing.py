@@ -3,10 +3,10 @@
 Each backbone, side-info model and forward transformation becomes a model version whose tags make it
 self-describing: role, embedding dim, inputs, metric and normalisation, where it came from (``fct.origin``:
 ``pipeline`` or ``user``); the pipeline's models also the DVC hash of their training data, the git commit and the
-params they were trained with; a transformation also gets its source, target and side-info versions and its measured
-cross-model CMC top-1/top-5 and mAP. Every image model (backbone, side-info) carries its input contract
-(``fct.input_contract``, see :mod:`fct_registry.onnx_boundary.contract`): both paths go through
-:func:`register_image_model`.
+params they were trained with; a transformation also gets its source, target and side-info versions, its kind
+(:data:`TRANSFORMATION_KIND_TAG`: ``fct`` or ``fastfill``) and its measured cross-model CMC top-1/top-5 and mAP.
+Every image model (backbone, side-info) carries its input contract (``fct.input_contract``, see
+:mod:`fct_registry.onnx_boundary.contract`): both paths go through :func:`register_image_model`.
 """
 
 from __future__ import annotations
@@ -136,4 +136,23 @@ def publish_model(registry: ModelRegistry, model_dir: str | Path, metric: str, d
     linked = {key: registry.find("side-info" if key == "side_info" else "backbone", ref)
               for key, ref in card.links.items()}
     tags |= transformation_tags(linked["source"], linked["target"], linked.get("side_info"))
+    tags[TRANSFORMATION_KIND_TAG] = transformation_kind(onnx_path)
     return registry.register(onnx_path, card.role, card.ref, tags=tags, params=params, metrics=all_metrics)
+
+
+TRANSFORMATION_KIND_TAG = "fct.transformation_kind"
+"""Tag of a registered transformation saying its kind: ``fastfill`` (its ONNX file also outputs ``uncertainty``
+(B, 1), FastFill's per-item log-variance: Jaeckle et al., ICLR 2023, arXiv 2303.04766) or ``fct`` (the embedding
+only: FCT, Ramanujan et al., CVPR 2022)."""
+
+
+def transformation_kind(onnx_path: str | Path) -> Literal["fastfill", "fct"]:
+    """``fastfill`` when the transformation's ONNX file has the ``uncertainty`` output, else ``fct``.
+
+    Raises:
+        RuntimeInputError: the file does not load as an embedding model (see
+            :class:`~fct_registry.onnx_boundary.runtime.OnnxModel`).
+    """
+    from fct_registry.onnx_boundary.runtime import OnnxModel  # onnxruntime, loaded only to register
+
+    return "fastfill" if OnnxModel(onnx_path, providers=["CPUExecutionProvider"]).has_uncertainty else "fct"

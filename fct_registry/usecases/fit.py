@@ -268,15 +268,41 @@ def _train_and_register(registry: ModelRegistry, models: FitModels, data: FitDat
     links = {"source": models.source.ref, "target": models.target.ref}
     if models.side_info is not None:
         links["side_info"] = models.side_info.ref
+    fastfill, probe = _fastfill_targets(data, params, seed)
     with tempfile.TemporaryDirectory(prefix="fct-fit-") as tmp:
         model_dir = Path(tmp) / label
         _, train_metrics = train_to_model_dir(cached_features(*data.train), params, seed, label, links, model_dir,
-                                              epoch_callback)
+                                              epoch_callback, fastfill)
+        train_metrics = dict(train_metrics) | probe
         metrics = validation_metrics(model_dir / "model.onnx", data, metric, top_k)
         run_params = {"transformation": params.model_dump(mode="json"), "seed": seed,
                       "source": str(models.source.ref), "target": str(models.target.ref),
                       "side_info": str(models.side_info.ref) if models.side_info else None,
-                      "overlap_k": min(OVERLAP_K, len(data.val[0]) - 1), **data.inputs}
+                      "overlap_k": min(OVERLAP_K, len(data.val[0]) - 1), **data.inputs,
+                      **({"classifier": CLASSIFIER_NOTE} if fastfill is not None else {})}
         version = publish_model(registry, model_dir, metric, data.data_hash, git_commit, run_params, metrics)
-    return FitResult(version, dict(train_metrics) | metrics, data.val_labels is not None, len(data.train[0]),
+    return FitResult(version, train_metrics | metrics, data.val_labels is not None, len(data.train[0]),
                      len(data.val[0]), data.features)
+
+
+CLASSIFIER_NOTE = "linear classifier fitted on the target backbone's embeddings of the labelled training items"
+"""What FastFill's W_new is in ``fit``: registered backbones carry no classification head, so one is fitted."""
+
+
+def _fastfill_targets(data: FitData, params: TransformationParams, seed: int
+                      ) -> tuple[tuple[np.ndarray, LinearClassifier] | None, dict[str, float]]:
+    """For the FastFill loss, the training labels and W_new (a linear probe, see :data:`CLASSIFIER_NOTE`) with its
+    training accuracy as ``classifier_accuracy``; (None, {}) for MSE.
+
+    Raises:
+        ConfigError: the FastFill loss without a label >= 0 on every training item.
+    """
+    if params.loss != "fastfill":
+        return None, {}
+    if data.train_labels is None:
+        raise ConfigError("the fastfill loss needs a class label on every training item (class folders, or a label "
+                          "column >= 0); use --loss mse for unlabelled data")
+    from fct_registry.method.classifier import fit_linear_classifier  # torch, loaded only to fit
+
+    classifier, accuracy = fit_linear_classifier(data.train[2], data.train_labels, seed)
+    return (data.train_labels, classifier), {"classifier_accuracy": accuracy}

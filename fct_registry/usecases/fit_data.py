@@ -53,6 +53,8 @@ class FitData:
         data_hash: Identity of the training data (recorded as ``fct.data_hash``).
         inputs: Where the data came from (recorded in the version's params).
         features: The cached feature files used (image folders only).
+        train_labels: (N_train,) int64 class labels >= 0 of the training rows, or None when some are unlabelled
+            (FastFill's loss needs them).
     """
 
     train: Triple
@@ -61,6 +63,7 @@ class FitData:
     data_hash: str
     inputs: dict[str, Any]
     features: tuple[Features, ...] = ()
+    train_labels: np.ndarray | None = None
 
 
 def resolve_models(registry: ModelRegistry, source: str, target: str, side_info: str | None) -> FitModels:
@@ -140,10 +143,12 @@ def image_data(registry: ModelRegistry, models: FitModels, train: str | os.PathL
         rows, val_rows = _split(len(train_folder), val_fraction, seed, f"image folder {train}")
         train_triple, val_triple = _rows(triple, rows), _rows(triple, val_rows)
         labels = train_folder.labels[val_rows] if train_folder.labelled else None
+        train_labels = train_folder.labels[rows] if train_folder.labelled else None
         inputs["val_fraction"] = val_fraction
         data_hash = fingerprint
     else:
         train_triple = triple
+        train_labels = train_folder.labels if train_folder.labelled else None
         val_triple, val_used, val_fingerprint = _folder_triple(registry, models, val_folder, "val", progress)
         used += val_used
         labels = val_folder.labels if val_folder.labelled else None
@@ -152,7 +157,7 @@ def image_data(registry: ModelRegistry, models: FitModels, train: str | os.PathL
     if len(train_triple[0]) < 2 or len(val_triple[0]) < 2:
         raise DataError(f"a fit needs at least 2 training and 2 validation images; got {len(train_triple[0])} and "
                         f"{len(val_triple[0])}")
-    return FitData(train_triple, val_triple, labels, f"images-sha256:{data_hash}", inputs, tuple(used))
+    return FitData(train_triple, val_triple, labels, f"images-sha256:{data_hash}", inputs, tuple(used), train_labels)
 
 
 def _embedding_dim(version: RegisteredVersion) -> int | None:
@@ -228,10 +233,11 @@ def pairs_data(path: str | os.PathLike, models: FitModels, val_fraction: float =
     rows, val_rows = _split(table.num_rows, val_fraction, seed, f"pairs file {path}")
     triple = (vectors["old"], vectors.get("side_info"), vectors["new"])
     val_labels = labels[val_rows] if labels is not None and (labels[val_rows] >= 0).all() else None
+    train_labels = labels[rows] if labels is not None and (labels[rows] >= 0).all() else None
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     inputs = {"pairs": str(path.resolve()), "pairs_rows": table.num_rows, "val_fraction": val_fraction}
     return FitData(_rows(triple, rows), _rows(triple, val_rows), val_labels, f"pairs-sha256:{digest.hexdigest()}",
-                   inputs)
+                   inputs, train_labels=train_labels)

@@ -60,7 +60,8 @@ def test_help_of_the_app_and_every_command():
     paths = list(_command_paths(typer.main.get_command(app)))
     assert set(paths) == {(), ("models",), ("models", "list"), ("models", "add"), ("sets",), ("sets", "list"),
                           ("sets", "import"), ("sets", "export"), ("sets", "embed"), ("sets", "clean"), ("fit",),
-                          ("lineage",), ("promote",), ("upgrade",), ("evaluate",), ("search",), ("ui",), ("serve",)}
+                          ("lineage",), ("promote",), ("upgrade",), ("backfill",), ("evaluate",), ("search",), ("ui",),
+                          ("serve",)}
     for path in paths:
         result = runner.invoke(app, [*path, "--help"])
         assert result.exit_code == 0 and "Usage: " in result.stdout, (path, result.output)
@@ -126,7 +127,7 @@ def test_promote_gate_refuses_unreachable_and_low_map_unless_forced(world, tmp_p
     succeeds(cli(world, "promote", "v3", "--alias", "cli-floor", "--map-floor", "0.4", sets_root=sets_root))
     rows = table_rows(succeeds(cli(world, "promote", "v2", "--alias", "cli-v2", sets_root=sets_root)))
     assert rows == [[str(sets_root / "gallery_v1"), str(world.versions["v1"].ref),
-                     f"fct-transformation/{world.versions['h-v1-v2'].version}", "0.620", "ok"]]
+                     f"fct-transformation/{world.versions['h-v1-v2'].version}", "0.620", "", "ok"]]
     # a stored v3 set cannot be brought back to v1
     factories.embed_set(world.zoo, "v3", sets_root / "gallery_v3")
     fails(cli(world, "promote", "v1", "--alias", "cli-back", sets_root=sets_root),
@@ -137,6 +138,29 @@ def test_promote_gate_refuses_unreachable_and_low_map_unless_forced(world, tmp_p
     # every transformation needs s1 side-info: a set without it cannot follow any newer version
     factories.without_side_info(world.gallery, sets_root / "plain_v1")
     fails(cli(world, "promote", "v2", "--alias", "cli-plain", sets_root=sets_root), "plain_v1", "side-info")
+
+
+def test_promote_negative_flip_ceiling_from_the_option_and_from_params(tmp_path_factory, tmp_path):
+    own = factories.fresh_world(tmp_path_factory)  # its transformations get negative flip tags
+    h12, h23 = (own.registry.set_tags(own.versions[key], {"negative_flips": rate})
+                for key, rate in (("h-v1-v2", 0.04), ("h-v2-v3", 0.12)))
+    sets_root = factories.copy_sets(own, tmp_path / "sets")
+    fails(cli(own, "promote", "v2", "--alias", "nf-low", "--max-negative-flips", "0.03", sets_root=sets_root),
+          "refusing to set @nf-low", f"link {h12.name}/{h12.version} with registered negative flip rate 0.040, "
+          "above the ceiling 0.030")
+    rows = table_rows(succeeds(cli(own, "promote", "v2", "--alias", "nf-ok", "--max-negative-flips", "0.05",
+                                   sets_root=sets_root)))
+    assert rows == [[str(sets_root / "gallery_v1"), str(own.versions["v1"].ref), f"{h12.name}/{h12.version}",
+                     "0.620", "0.040", "ok"]]
+    params = own.root / "params.yaml"
+    params.write_text(params.read_text().replace("promote_negative_flip_ceiling: null",
+                                                 "promote_negative_flip_ceiling: 0.1"))
+    fails(cli(own, "promote", "v3", "--alias", "nf-v3", "--map-floor", "0.4", sets_root=sets_root),
+          f"link {h23.name}/{h23.version} with registered negative flip rate 0.120, above the ceiling 0.100")
+    rows = table_rows(succeeds(cli(own, "promote", "v3", "--alias", "nf-v3", "--map-floor", "0.4",
+                                   "--max-negative-flips", "0.2", sets_root=sets_root)))
+    assert rows[0][-2:] == ["0.120", "ok"]
+    assert "nf-low" not in own.registry.get("backbone", "v2").aliases
 
 
 @pytest.fixture(scope="module")
@@ -209,6 +233,28 @@ def test_evaluate_prints_the_retrieval_table(world):
                                           world.root / "data" / "prepared").metrics
     assert row == ["v1_vs_gallery_v1", str(world.versions["v1"].ref), str(world.versions["v1"].ref), "50", "50",
                    *(f"{expected[key]:.4f}" for key in ("cmc_top1", "cmc_top5", "map"))]
+
+
+def test_evaluate_an_upgraded_gallery_adds_the_negative_flips_of_the_update(world, tmp_path):
+    sets_root = factories.copy_sets(world, tmp_path / "sets")
+    succeeds(cli(world, "upgrade", "gallery_v1", "--to", "v3", sets_root=sets_root))
+    stdout = succeeds(cli(world, "evaluate", "--query-model", "v3", "--gallery", "gallery_v1@v3",
+                          sets_root=sets_root))
+    result = evaluate.evaluate_gallery(world.registry, "v3", EmbeddingSet.open(sets_root / "gallery_v1@v3"),
+                                       world.root / "data" / "prepared",
+                                       baseline=EmbeddingSet.open(sets_root / "gallery_v1"))
+    (row,) = table_rows(stdout)
+    assert row[5:] == [f"{value:.4f}" for value in (*result.metrics.values(), result.flips.negative_rate,
+                                                    result.flips.positive_rate)]
+    assert (f"flips against {sets_root / 'gallery_v1'} searched by {world.versions['v1'].ref}: "
+            f"{result.flips.negative} of 50 queries right before and wrong now") in " ".join(stdout.split())
+    # an explicit --baseline; a gallery that is not an upgrade gets no flips columns
+    again = succeeds(cli(world, "evaluate", "--query-model", "v3", "--gallery", "gallery_v1@v3", "--baseline",
+                         "gallery_v1", sets_root=sets_root))
+    assert table_rows(again) == [row]
+    (plain,) = table_rows(succeeds(cli(world, "evaluate", "--query-model", "v1", "--gallery", "gallery_v1",
+                                       sets_root=sets_root)))
+    assert len(plain) == 8
 
 
 def test_search_returns_k_ids_of_the_champion_gallery(world, tmp_path):

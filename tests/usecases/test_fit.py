@@ -225,3 +225,17 @@ def test_the_epoch_callback_leaves_training_unchanged():
         assert torch.equal(a, b)
     assert [epoch for epoch, _ in seen] == [0, 1, 2]
     assert seen[-1][1]["train_mse"] == plain_metrics["train_mse"] == watched_metrics["train_mse"]
+
+
+def test_fastfill_fit_registers_an_h_with_an_uncertainty_output_and_says_what_its_classifier_is(world, folders):
+    """FastFill's loss (Jaeckle et al., ICLR 2023) needs W_new: a registered backbone has none, so fit fits a linear
+    classifier on the target's training embeddings and records it; unlabelled data is refused in one line."""
+    params = PARAMS.model_copy(update={"loss": "fastfill"})
+    result = fit.fit_transformation(world.registry, "v1", "v2", "s1", train=folders["train"], val=folders["val"],
+                                    params=params, label="h-v1-v2-fastfill")
+    assert OnnxModel(world.registry.onnx_path(result.version)).has_uncertainty
+    assert 0.0 <= result.metrics["classifier_accuracy"] <= 1.0 and "map" in result.metrics
+    assert result.version.tags["fct.transformation_kind"] == "fastfill"
+    with pytest.raises(ConfigError, match="the fastfill loss needs a class label on every training item"):
+        fit.fit_transformation(world.registry, "v1", "v2", "s1", train=folders["flat"], params=params,
+                               label="h-unlabelled")
