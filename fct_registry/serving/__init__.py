@@ -1,6 +1,7 @@
 """HTTP retrieval service over an FCT-compatible gallery.
 
-- ``state``: the served pair (aliased backbone + gallery index) and its atomic hot swap.
+- ``state``: the served pair (aliased backbone + gallery index: exact or approximate) and its atomic hot swap.
+- ``batcher``: the search worker: queries queued together are embedded and searched in one call each.
 - ``query_model``: the model version an embedding query states, checked against the served backbone.
 - ``admin``: the bearer token of the admin endpoints (``POST /reload``).
 - ``schemas``: pydantic request and response bodies.

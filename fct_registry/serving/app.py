@@ -13,13 +13,17 @@ Endpoints:
 
 Every bad request is answered 4xx with ``{"detail": "<one-line reason>"}`` (400 malformed multipart, 401 admin
 token, 409 another model version, 413 body too large, 415 neither JSON nor multipart, 422 anything else) and the
-service keeps serving. Blocking work (ONNX Runtime, faiss, MLflow) runs in the thread pool, so the event loop keeps
-answering while a search or a reload runs.
+service keeps serving. Blocking work runs off the event loop: decoding uploads, registry lookups and reloads in the
+thread pool; embedding images (ONNX Runtime) and every faiss search in the search worker
+(:mod:`fct_registry.serving.batcher`: queries that arrive together are embedded and searched in one call each), so
+the event loop keeps answering while a search or a reload runs.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -33,6 +37,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Message, Receive
 
+from fct_registry.core.config import ServingParams
 from fct_registry.core.errors import (
     DataError,
     FctError,
@@ -41,11 +46,11 @@ from fct_registry.core.errors import (
     SearchError,
     VersionMismatchError,
 )
-from fct_registry.onnx_boundary.embedding import embed_images
 from fct_registry.onnx_boundary.images import decode_image
 from fct_registry.registry.model_registry import ModelRegistry
 from fct_registry.serving import DEFAULT_MAX_K, DEFAULT_MAX_UPLOAD_BYTES
 from fct_registry.serving.admin import admin_guard
+from fct_registry.serving.batcher import SearchBatcher
 from fct_registry.serving.openapi import error_responses, openapi_schema
 from fct_registry.serving.query_model import UnknownQueryModel, check_query_model
 from fct_registry.serving.schemas import (
@@ -56,8 +61,8 @@ from fct_registry.serving.schemas import (
     QueryModelCheck,
     SearchResponse,
 )
-from fct_registry.serving.state import ServedPair, ServingState
-from fct_registry.vectors.search import search_set
+from fct_registry.serving.state import EXACT, ServedPair, ServingState
+from fct_registry.usecases.gallery_index import Notify
 
 DEFAULT_K = 10
 FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -80,7 +85,8 @@ class _Query:
 
 def create_app(registry: ModelRegistry, sets_root: str | os.PathLike, alias: str = "champion",
                max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, max_k: int = DEFAULT_MAX_K,
-               providers: list[str] | None = None, admin_token: str | None = None) -> FastAPI:
+               providers: list[str] | None = None, admin_token: str | None = None,
+               serving: ServingParams | None = None, notify: Notify | None = None) -> FastAPI:
     """Build the service over the pair ``alias`` selects; the pair is loaded now, before any request.
 
     ``POST /search`` takes one of two bodies:
@@ -109,6 +115,9 @@ def create_app(registry: ModelRegistry, sets_root: str | os.PathLike, alias: str
         providers: ONNX Runtime providers; None: CUDA first when available, else CPU.
         admin_token: The token ``POST /reload`` requires as ``Authorization: Bearer <token>``; None leaves it open
             (only safe on loopback: :func:`~fct_registry.serving.server.serve` refuses other hosts then).
+        serving: The search index and its knobs (``serving:`` of params.yaml); None: exact. An approximate index is
+            loaded from beside the gallery set, or built and stored there first (at start and on ``/reload``).
+        notify: Told when an index is built (a line before and after); None: nothing is said.
 
     Returns:
         The FastAPI app; its serving state is ``app.state.serving``.
@@ -117,9 +126,17 @@ def create_app(registry: ModelRegistry, sets_root: str | os.PathLike, alias: str
         VersionMismatchError: No gallery set under ``sets_root`` was made by the aliased backbone (the service
             refuses to start); other errors of :func:`~fct_registry.serving.state.load_pair` likewise.
     """
-    state = ServingState(registry, sets_root, alias, providers)
-    app = FastAPI(title="fct-registry search", summary="Retrieval over an FCT-compatible gallery")
+    state = ServingState(registry, sets_root, alias, providers, serving or EXACT, notify)
+    batcher = SearchBatcher()
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        batcher.close()
+
+    app = FastAPI(title="fct-registry search", summary="Retrieval over an FCT-compatible gallery", lifespan=lifespan)
     app.state.serving = state
+    app.state.batcher = batcher
     app.add_exception_handler(RequestValidationError, _one_line_validation_error)
     app.add_exception_handler(StarletteHTTPException, _one_line_http_error)
     app.openapi = lambda: openapi_schema(app, state.pair, max_k)  # type: ignore[method-assign]
@@ -131,7 +148,7 @@ def create_app(registry: ModelRegistry, sets_root: str | os.PathLike, alias: str
 
     @app.get("/info")
     def info() -> InfoResponse:
-        return InfoResponse.of(state.pair)
+        return InfoResponse.of(state.pair, batcher.stats)
 
     @app.post("/search", responses=error_responses(400, 409, 413, 415, 422, 503))
     async def search(request: Request, k: Annotated[int | None, Query()] = None) -> SearchResponse:
@@ -143,14 +160,29 @@ def create_app(registry: ModelRegistry, sets_root: str | os.PathLike, alias: str
         pair = state.pair  # this request's pair, even if a reload swaps another in meanwhile
         body = Request(request.scope, _limited(request.receive, max_upload_bytes))
         query = await _read_query(body, k, max_k, len(pair.index))
-        return await run_in_threadpool(_run_query, pair, state.registry, query)
+        try:
+            if query.image is not None:  # decoded in the thread pool, embedded and searched by the search worker
+                image = await run_in_threadpool(decode_image, query.image, pair.contract)
+                result = await batcher.search_image(pair.index, image, pair.backbone, pair.contract, query.k)
+                checked: QueryModelCheck = "embedded"
+            else:
+                if query.model is None:  # a vector alone: checked here in microseconds
+                    queries, checked = _embedding_matrix(query.embedding, pair), "unchecked"
+                else:  # the registry may be asked about the model's name: in the thread pool
+                    queries, checked = await run_in_threadpool(_stated_vector, pair, state.registry, query)
+                result = await batcher.search(pair.index, queries, query.k)
+        except _QUERY_ERRORS as exc:
+            raise HTTPException(422, str(exc)) from None
+        _require_usable_scores(result.scores, pair.index.metric)
+        return SearchResponse(ids=result.ids[0].tolist(), scores=result.scores[0].tolist(), metric=pair.index.metric,
+                              model=str(pair.version.ref), query_model=checked)
 
     @app.post("/reload", responses=error_responses(401, 409), dependencies=[Depends(require_admin)])
     def reload() -> InfoResponse:
         """Re-resolve the alias and serve its backbone and gallery (admin: needs the admin token when set)."""
         old = state.pair
         try:
-            return InfoResponse.of(state.reload())
+            return InfoResponse.of(state.reload(), batcher.stats)
         except FctError as exc:
             raise HTTPException(409, f"reload refused, still serving {old.version}: {exc}") from None
 
@@ -170,23 +202,10 @@ async def _read_query(body: Request, k: int | None, max_k: int, n_gallery: int) 
                              "nor multipart/form-data (an image upload)")
 
 
-def _run_query(pair: ServedPair, registry: ModelRegistry, query: _Query) -> SearchResponse:
-    """Check the query's model, embed the image (if any) with the pair's backbone, then search its gallery."""
-    checked: QueryModelCheck = "embedded" if query.image is not None else "unchecked"
-    if query.model is not None:
-        _check_model(query.model, pair, registry)
-        checked = "matched"
-    try:
-        if query.image is None:
-            queries = _embedding_matrix(query.embedding, pair)
-        else:
-            queries = embed_images(pair.backbone, decode_image(query.image, pair.contract), pair.contract)
-        result = search_set(pair.index, queries, pair.version.ref, query.k)
-    except _QUERY_ERRORS as exc:
-        raise HTTPException(422, str(exc)) from None
-    _require_usable_scores(result.scores, pair.index.metric)
-    return SearchResponse(ids=result.ids[0].tolist(), scores=result.scores[0].tolist(), metric=pair.index.metric,
-                          model=str(pair.version.ref), query_model=checked)
+def _stated_vector(pair: ServedPair, registry: ModelRegistry, query: _Query) -> tuple[np.ndarray, QueryModelCheck]:
+    """An embedding query whose ``model`` is stated: that model checked, then the (1, d) float32 vector."""
+    _check_model(query.model, pair, registry)
+    return _embedding_matrix(query.embedding, pair), "matched"
 
 
 def _check_model(model: str, pair: ServedPair, registry: ModelRegistry) -> None:

@@ -6,6 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from fct_registry.serving.batcher import BatchStats
 from fct_registry.serving.query_model import exact_names
 from fct_registry.serving.state import ServedPair
 
@@ -104,15 +105,58 @@ class GalleryInfo(BaseModel):
     lineage: list[str]
 
 
+class IndexInfo(BaseModel):
+    """The search index over the gallery: exact, or approximate with its knobs and its measured recall."""
+
+    kind: Literal["exact", "ivf", "ivfpq", "hnsw"]
+    knobs: dict[str, int] = Field(
+        description="Build knobs as used (nlist, train_size, pq_m, pq_nbits, hnsw_m, ef_construction) and search "
+                    "knobs (nprobe, ef_search); empty for exact")
+    recall_at_10: float | None = Field(
+        description="Mean |approximate top-10 ∩ exact top-10| / 10 over held-out items of the set (own item "
+                    "excluded), with these knobs; 1.0 for exact; null for a 1-item gallery")
+    recall_queries: int = Field(description="Held-out queries recall was measured on (0 for exact)")
+    build_seconds: float | None = Field(description="Wall time of the build, s; null for exact")
+    path: str | None = Field(description="The index's folder inside the set; null for exact or when not stored")
+    built_at_load: bool = Field(description="Built when this pair was loaded (it was missing)")
+    note: str | None = Field(default=None, description="Why the index was not stored, if it was not")
+
+    @classmethod
+    def of(cls, pair: ServedPair) -> IndexInfo:
+        """Describe ``pair``'s index."""
+        served = pair.served_index
+        record = served.record
+        if record is None:
+            return cls(kind="exact", knobs={}, recall_at_10=1.0, recall_queries=0, build_seconds=None, path=None,
+                       built_at_load=False)
+        knobs = {name: value for name, value in (record.build | record.search).items() if name != "seed"}
+        return cls(kind=record.kind, knobs=knobs, recall_at_10=record.recall_at_10,
+                   recall_queries=record.recall_queries, build_seconds=record.build_seconds,
+                   path=None if served.path is None else str(served.path), built_at_load=served.built,
+                   note=served.note)
+
+
+class BatchingInfo(BaseModel):
+    """What the search worker has done since the service started (see :mod:`fct_registry.serving.batcher`)."""
+
+    batches: int = Field(description="faiss calls")
+    queries: int = Field(description="Queries searched")
+    largest: int = Field(description="Most queries in one call")
+    embed_batches: int = Field(description="ONNX Runtime calls embedding uploaded images")
+    images: int = Field(description="Images embedded")
+
+
 class InfoResponse(BaseModel):
     """``GET /info`` and ``POST /reload``: the pair being served."""
 
     backbone: BackboneInfo
     gallery: GalleryInfo
+    index: IndexInfo
+    batching: BatchingInfo
 
     @classmethod
-    def of(cls, pair: ServedPair) -> InfoResponse:
-        """Describe ``pair``."""
+    def of(cls, pair: ServedPair, stats: BatchStats) -> InfoResponse:
+        """Describe ``pair`` (and the search worker's ``stats``)."""
         version, manifest = pair.version, pair.gallery.manifest
         return cls(
             backbone=BackboneInfo(
@@ -125,4 +169,7 @@ class InfoResponse(BaseModel):
                 path=str(pair.gallery.path), model=str(manifest.model), count=manifest.count, dim=manifest.dim,
                 metric=manifest.metric, lineage=list(manifest.lineage),
             ),
+            index=IndexInfo.of(pair),
+            batching=BatchingInfo(batches=stats.batches, queries=stats.queries, largest=stats.largest,
+                                  embed_batches=stats.embed_batches, images=stats.images),
         )

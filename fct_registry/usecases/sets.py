@@ -4,7 +4,6 @@ database."""
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -19,7 +18,8 @@ from fct_registry.core.refs import ModelRef
 from fct_registry.onnx_boundary.embedding import embed_images
 from fct_registry.registry.model_registry import ModelRegistry
 from fct_registry.registry.versions import RegisteredVersion, input_contract
-from fct_registry.usecases.project import SOURCES_FILE
+from fct_registry.usecases.project import SOURCES_FILE, image_folder_sources, prepared_sources
+from fct_registry.vectors.ann_store import StoredIndex, stored_indexes
 from fct_registry.vectors.batch import EmbeddingBatch, with_model
 from fct_registry.vectors.embedding_set import EmbeddingSet, scan_embedding_sets
 from fct_registry.vectors.exporting import Export, Format, export_set
@@ -37,10 +37,12 @@ Progress = Callable[[int, int], None]
 
 @dataclass(frozen=True)
 class SetEntry:
-    """An embedding set and the registered backbone version its vectors come from (None: not registered)."""
+    """An embedding set, the registered backbone version its vectors come from (None: not registered), and the
+    approximate search indexes stored in it (``fct-registry sets index``; stale ones flagged)."""
 
     embedding_set: EmbeddingSet
     backbone: RegisteredVersion | None
+    indexes: tuple[StoredIndex, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -58,8 +60,8 @@ def list_sets(registry: ModelRegistry, sets_root: str | os.PathLike) -> SetListi
     listed too. Reads only."""
     scan = scan_embedding_sets(sets_root)
     backbones = {version.ref: version for version in registry.versions("backbone")}
-    return SetListing([SetEntry(s, backbones.get(s.manifest.model)) for s in scan.sets], scan.invalid,
-                      scan.unfinished)
+    return SetListing([SetEntry(s, backbones.get(s.manifest.model), tuple(stored_indexes(s))) for s in scan.sets],
+                      scan.invalid, scan.unfinished)
 
 
 def clean_unfinished(sets_root: str | os.PathLike, min_age_s: float) -> list[Path]:
@@ -79,7 +81,8 @@ def clean_unfinished(sets_root: str | os.PathLike, min_age_s: float) -> list[Pat
 
 
 def build_gallery(split: Split, backbone: Path, backbone_ref: ModelRef, side_info: Path | None,
-                  side_info_ref: ModelRef | None, out: Path, metric: str) -> EmbeddingSet:
+                  side_info_ref: ModelRef | None, out: Path, metric: str,
+                  prepared_from: tuple[str | os.PathLike, str] | None = None) -> EmbeddingSet:
     """Embed a split with the backbone (and side-info model) and store it as an embedding set.
 
     Args:
@@ -88,16 +91,21 @@ def build_gallery(split: Split, backbone: Path, backbone_ref: ModelRef, side_inf
         side_info: the side-info model's ``.onnx`` file or None; ``side_info_ref`` its identity.
         out: the set's folder (replaced atomically when it exists).
         metric: ``l2`` or ``cosine``, recorded in the manifest for every later search.
+        prepared_from: ``(data_dir, split name)`` the split was read from with ``load_prepared``: recorded in the
+            set's ``sources.json`` (data version and item -> row, see
+            :func:`~fct_registry.usecases.project.prepared_sources`) so that ``backfill`` can read the images again.
 
     Raises:
         EmbeddingSetError: non-finite vectors or a bad output folder.
+        DataError: ``prepared_from`` names no split file, or one without the split's items.
     """
     embeddings = embed_images(_onnx_model(backbone), split.images)
     side = embed_images(_onnx_model(side_info), split.images) if side_info is not None else None
     batch = EmbeddingBatch(split.item_ids, split.labels, embeddings, side, model=backbone_ref)
     lineage = [f"gallery embedded by {backbone_ref}" + (f" with side-info {side_info_ref}" if side_info_ref else "")]
+    sources = None if prepared_from is None else {SOURCES_FILE: prepared_sources(*prepared_from, split.item_ids)}
     return write_embedding_set(out, [batch], backbone_ref, side_info_ref, metric=metric, lineage=lineage,
-                               overwrite=out.exists())
+                               overwrite=out.exists(), extra_files=sources)
 
 
 # ----- models of a new set ------------------------------------------------------------------------------------
@@ -294,8 +302,8 @@ def embed_folder(registry: ModelRegistry, image_dir: str | os.PathLike, models: 
     Images are found and labelled by :func:`~fct_registry.onnx_boundary.image_folder.scan_image_folder` (class
     folders give labels 0, 1, ...; a flat folder -1); item ids are their positions in the sorted file list. Each
     model gets the images prepared by its own input contract (``fct.input_contract`` tag). The set records the
-    folder in its lineage and every item's image in ``sources.json`` (read back by
-    :func:`~fct_registry.usecases.project.image_sources`).
+    folder in its lineage and every item's image and its sha256 in ``sources.json`` (read back by
+    :func:`~fct_registry.usecases.project.image_sources`; ``backfill`` refuses images that changed since).
 
     Args:
         registry: the registry holding the models' ONNX files.
@@ -318,9 +326,7 @@ def embed_folder(registry: ModelRegistry, image_dir: str | os.PathLike, models: 
 
     folder = scan_image_folder(image_dir)
     root = folder.root.resolve()
-    sources = {"folder": str(root), "classes": list(folder.classes), "item_ids": list(range(len(folder))),
-               "files": list(folder.files)}
     layout = f"{len(folder.classes)} class folders" if folder.labelled else "unlabelled"
     lineage = [f"embedded from image folder {root} ({len(folder)} images, {layout}) by {_by_models(models)}"]
     return _write(Path(out), _images_embedded(folder, models, registry, batch_size, progress), models, lineage,
-                  overwrite, {SOURCES_FILE: json.dumps(sources, indent=1).encode()})
+                  overwrite, {SOURCES_FILE: image_folder_sources(root, folder.classes, folder.files)})

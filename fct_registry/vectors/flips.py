@@ -21,7 +21,6 @@ import numpy as np
 
 from fct_registry.core.errors import SearchError
 from fct_registry.vectors.embedding_set import EmbeddingSet
-from fct_registry.vectors.metrics import top1_correct
 
 
 @dataclass(frozen=True)
@@ -105,6 +104,8 @@ def set_flips(source: EmbeddingSet, upgraded: EmbeddingSet, max_queries: int = 1
         SearchError: ``max_queries`` < 2, the sets hold different item ids, or non-finite vectors.
         EmbeddingSetError: a shard cannot be read.
     """
+    from fct_registry.vectors.metrics import top1_correct  # faiss, loaded only to measure (listings stay light)
+
     if max_queries < 2:
         raise SearchError(f"max_queries must be >= 2, got {max_queries}")
     ids, labels = _labelled(source, batch_rows)

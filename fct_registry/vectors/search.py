@@ -1,4 +1,5 @@
-"""Exact nearest-neighbour search over gallery embeddings with faiss (the only module that imports faiss).
+"""Exact nearest-neighbour search over gallery embeddings with faiss (with :mod:`fct_registry.vectors.ann_index`, the
+only modules that import faiss; that one holds the approximate indexes used for serving).
 
 Metrics (always explicit, never defaulted):
 
@@ -19,6 +20,7 @@ their position inside an internal batch.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from numbers import Integral
 from typing import Literal
@@ -111,7 +113,7 @@ class GalleryIndex:
         vectors = _matrix(queries, "queries")
         own_ids = _query_ids(query_ids, len(vectors), exclude_self)
         vectors = self._queries(vectors, row_ids=own_ids)
-        raw, positions = self._index.search(vectors, k + int(exclude_self))
+        raw, positions = self._raw_search(vectors, k + int(exclude_self))
         unfilled = np.flatnonzero((positions < 0).any(axis=1))
         if unfilled.size:  # faiss leaves slots at -1 when float32 distances overflow (values around 1e19)
             raise SearchError(f"{_row('queries', int(unfilled[0]), 0, own_ids)} is too large to score in float32 "
@@ -122,6 +124,12 @@ class GalleryIndex:
         if exclude_self:
             scores, ids = _drop_own(scores, ids, own_ids, k)
         return SearchResult(scores=scores, ids=ids)
+
+    def _raw_search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """faiss' raw answer for checked (n_query, d) float32 queries: (n_query, k) float32 squared L2 distances or
+        inner products, and (n_query, k) int64 gallery positions (-1 where a slot stayed unfilled). An approximate
+        index (:class:`fct_registry.vectors.ann_index.AnnIndex`) overrides this."""
+        return self._index.search(vectors, k)
 
     def score_all(self, queries: object, first_row: int = 0, row_ids: np.ndarray | None = None) -> np.ndarray:
         """Score of every gallery item for each query, in gallery order (for full rankings, e.g. mAP).
@@ -242,6 +250,24 @@ def _drop_own(scores: np.ndarray, ids: np.ndarray, own_ids: np.ndarray, k: int) 
     """Keep the first k results of each row whose id differs from the row's query id."""
     order = np.argsort(ids == own_ids[:, None], axis=1, kind="stable")[:, :k]
     return np.take_along_axis(scores, order, axis=1), np.take_along_axis(ids, order, axis=1)
+
+
+def set_search_threads(threads: int | None) -> None:
+    """How many OpenMP threads faiss may use for the searches of the *calling* thread (other threads keep theirs).
+
+    A single query gains nothing from a parallel region and can lose milliseconds in it: on a busy machine the
+    region waits until every one of its threads has been scheduled. A search worker sets 1 for small batches and
+    all cores for large ones.
+
+    Args:
+        threads: A count >= 1, or None for every core this process may run on.
+
+    Raises:
+        SearchError: ``threads`` is below 1.
+    """
+    if threads is not None and (not isinstance(threads, Integral) or threads < 1):
+        raise SearchError(f"threads must be an integer >= 1 or None, got {threads!r}")
+    faiss.omp_set_num_threads(int(threads) if threads is not None else len(os.sched_getaffinity(0)))
 
 
 def index_for_set(embedding_set: EmbeddingSet) -> GalleryIndex:

@@ -59,7 +59,8 @@ def _command_paths(command, prefix: tuple[str, ...] = ()) -> Iterator[tuple[str,
 def test_help_of_the_app_and_every_command():
     paths = list(_command_paths(typer.main.get_command(app)))
     assert set(paths) == {(), ("models",), ("models", "list"), ("models", "add"), ("sets",), ("sets", "list"),
-                          ("sets", "import"), ("sets", "export"), ("sets", "embed"), ("sets", "clean"), ("fit",),
+                          ("sets", "import"), ("sets", "export"), ("sets", "embed"), ("sets", "clean"), ("sets", "index"),
+                          ("fit",),
                           ("lineage",), ("promote",), ("upgrade",), ("backfill",), ("evaluate",), ("search",), ("ui",),
                           ("serve",)}
     for path in paths:
