@@ -18,10 +18,11 @@ from fct_registry.usecases import upgrade as usecase
 from fct_registry.vectors.embedding_set import EmbeddingSet
 
 app = typer.Typer()
+MIB = 2**20
 
 
 class Engine(str, Enum):
-    """Upgrade engines: ONNX Runtime in this process, or Ray Data actors (clusters)."""
+    """Upgrade engines: threads of this process, or one Ray task per output shard (clusters)."""
 
     local = "local"
     ray = "ray"
@@ -49,6 +50,13 @@ def upgrade(
     address: Annotated[str | None, typer.Option(help="Ray cluster address (--engine ray); default: a local "
                                                      "Ray.")] = None,
     batch_rows: Annotated[int, typer.Option(min=1, help="Rows per batch through ONNX Runtime.")] = 65536,
+    workers: Annotated[int | None, typer.Option(min=1, help="Shards upgraded at once: threads (local engine, "
+                                                            "default 2) or Ray tasks (default: as many as the "
+                                                            "cluster's CPUs allow).")] = None,
+    worker_cpus: Annotated[float | None, typer.Option(help="CPUs per Ray task (--engine ray; default 1, fractions "
+                                                           "allowed).")] = None,
+    worker_memory_mib: Annotated[int | None, typer.Option(min=1, help="Memory per Ray task in MiB, reserved from the "
+                                                               "nodes' memory (--engine ray).")] = None,
 ) -> None:
     """Upgrade a stored set to a newer backbone through the chain of registered transformations."""
     project: Project = ctx.obj
@@ -62,7 +70,9 @@ def upgrade(
         task = bar.add_task("upgrade", total=source.manifest.count)
         result = usecase.run_upgrade(
             registry, source, target, dest, engine=engine.value, address=address, dry_run=dry_run,
-            batch_rows=batch_rows, progress=lambda done, _total: bar.update(task, completed=done),
+            batch_rows=batch_rows, workers=workers, worker_cpus=worker_cpus,
+            worker_memory=None if worker_memory_mib is None else worker_memory_mib * MIB,
+            progress=lambda done, _total: bar.update(task, completed=done),
             on_plan=lambda steps: out.print(_plan_table(source, target, dest, steps)))
     output = result.output
     if output is None:

@@ -1,1 +1,1 @@
-"""Upgrade engines: the chain shared by all, the local ONNX Runtime loop, Ray Data for clusters."""
+"""Upgrade engines: the chain shared by all, the output shard as the unit of work, local threads, Ray tasks."""

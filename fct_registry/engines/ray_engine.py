@@ -1,67 +1,57 @@
-"""Ray engine of the upgrade: the set's Parquet shards flow through Ray Data actors running ONNX Runtime.
+"""Ray engine of the upgrade: one Ray task per output shard; each worker writes its shard to the destination itself.
 
-``ray.data.read_parquet`` reads the shards (blocks follow shard and row order), ``map_batches`` sends them to a
-pool of actors that each hold one ONNX Runtime session per chain step, and the driver streams the upgraded
-batches back, in source row order, to ``write_embedding_set`` (see ``fct_registry.engines.run.upgrade_set``). Only
-this module imports ray.
+The driver only plans (``plan_shards``), submits one task per output shard (at most ``workers`` at once, each
+asking for ``worker_cpus`` CPUs and ``worker_memory`` bytes, spread over the nodes) and collects each shard's
+manifest entry (row count, sha256, size): no row of the set passes through it. A task reads its source rows
+(verifying their sha256s), runs ONNX Runtime and writes its shard under a temp name, renamed when complete
+(:func:`~fct_registry.engines.shards.upgrade_shard`). A worker or node that dies mid-shard leaves at most a temp
+file; Ray retries the task (``max_retries``), which rewrites the shard. Errors of the upgrade itself (NaN output, a
+corrupted source shard) are returned, not raised, so Ray does not retry them and the driver raises them with their
+own type and message. Only this module imports ray.
 
-On a cluster, every worker must be able to import ``fct_registry`` and read the shard files and the ONNX files
-at the same paths (shared storage). On one small machine the local engine is faster; Ray is for clusters.
+On a cluster, every node must be able to import ``fct_registry`` and see the source shards, the ONNX files and the
+destination's parent folder at the same paths (shared storage, e.g. NFS). Plain tasks, not Ray Data: a shard is a
+natural task, needs no shuffle, and measured faster (bench/results/upgrade_cluster.md).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import logging
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 
-import numpy as np
-import pyarrow as pa
 import ray
 
-from fct_registry.engines.chain import ChainStep, apply_chain, check_finite
+from fct_registry.core.errors import FctError, UpgradeError
+from fct_registry.engines.shards import ShardJob, ShardPlan, ShardResult, upgrade_shard
 from fct_registry.onnx_boundary.runtime import OnnxModel
-from fct_registry.vectors.batch import EmbeddingBatch
-from fct_registry.vectors.embedding_set import EmbeddingSet
 
-ACTOR_CPUS = 0.5  # fractional: two actors with 1 CPU each on a 2-CPU Ray starve the read tasks (hang)
 LOCAL_CPUS = 2
+"""CPUs of the local Ray started when no address is given."""
+MAX_RETRIES = 3
+"""Times a shard's task is re-run after its worker process or node died."""
+
+_SESSIONS: dict[tuple[str, ...], list[OnnxModel]] = {}
+"""Sessions loaded by this worker process, by the chain's ONNX paths: loaded once, reused by its next tasks."""
 
 
-def _matrix(table: pa.Table, column: str) -> np.ndarray:
-    """Column ``fixed_size_list<float32>[d]`` of ``table`` -> (n, d) float32 C-contiguous array."""
-    values = table.column(column).combine_chunks()
-    return values.flatten().to_numpy(zero_copy_only=False).reshape(len(values), values.type.list_size)
+def _models(job: ShardJob) -> list[OnnxModel]:
+    key = tuple(str(step.onnx_path) for step in job.steps)
+    if key not in _SESSIONS:
+        _SESSIONS.clear()
+        _SESSIONS[key] = [OnnxModel(step.onnx_path) for step in job.steps]
+    return _SESSIONS[key]
 
 
-def _batch_bytes(embedding_set: EmbeddingSet, batch_rows: int) -> int:
-    """In-memory bytes of ``batch_rows`` rows (ids, labels, float32 vectors): Ray's read block budget."""
-    m = embedding_set.manifest
-    return batch_rows * (16 + 4 * (m.dim + (m.side_info_dim or 0)))
-
-
-def _side_info(table: pa.Table) -> np.ndarray | None:
-    return _matrix(table, "side_info") if "side_info" in table.column_names else None
-
-
-class ChainRunner:
-    """Ray Data callable class: one ONNX Runtime session per step, created once per actor.
-
-    Called on pyarrow tables with the set's shard columns; returns the table with ``embedding`` (n, d) replaced
-    by the chain's output (n, d_new) float32. NaN/inf is checked by the driver, where the error keeps its type.
-    """
-
-    def __init__(self, steps: Sequence[ChainStep]) -> None:
-        self.steps = list(steps)
-        self.models = [OnnxModel(step.onnx_path) for step in self.steps]
-
-    def __call__(self, table: pa.Table) -> pa.Table:
-        out, sigma = apply_chain(self.models, self.steps, _matrix(table, "embedding"), _side_info(table))
-        column = pa.FixedSizeListArray.from_arrays(pa.array(out.reshape(-1)), out.shape[1])
-        table = table.set_column(table.schema.get_field_index("embedding"), "embedding", column)
-        if sigma is None:
-            return table
-        if "uncertainty" in table.column_names:
-            return table.set_column(table.schema.get_field_index("uncertainty"), "uncertainty", pa.array(sigma))
-        return table.append_column("uncertainty", pa.array(sigma))
+@ray.remote
+def _shard_task(job: ShardJob, plan: ShardPlan) -> ShardResult | FctError:
+    """Upgrade and write one shard on a worker; an upgrade error is returned (not retried), a crash is retried."""
+    try:
+        result = upgrade_shard(job, plan, _models(job))
+    except FctError as exc:
+        return exc
+    return replace(result, node=ray.get_runtime_context().get_node_id())
 
 
 def _start_ray(address: str | None) -> bool:
@@ -69,47 +59,68 @@ def _start_ray(address: str | None) -> bool:
     if ray.is_initialized():
         return False
     if address is None:
-        ray.init(num_cpus=LOCAL_CPUS, include_dashboard=False)
+        ray.init(num_cpus=LOCAL_CPUS, include_dashboard=False, logging_level=logging.WARNING)
     else:
-        ray.init(address=address)
+        ray.init(address=address, logging_level=logging.WARNING)
     return True
 
 
-def iter_upgraded_ray(embedding_set: EmbeddingSet, steps: Sequence[ChainStep], batch_rows: int,
-                      address: str | None = None, actors: int = 2) -> Iterator[EmbeddingBatch]:
-    """Yield the set upgraded through ``steps`` by Ray Data actors, in the set's row order.
+def upgrade_shards_ray(job: ShardJob, plans: Sequence[ShardPlan], address: str | None = None,
+                       workers: int | None = None, worker_cpus: float = 1.0, worker_memory: int | None = None,
+                       max_retries: int = MAX_RETRIES, on_shard: Callable[[ShardResult], None] | None = None
+                       ) -> list[ShardResult]:
+    """Write every planned shard into ``job.folder`` with Ray tasks; results in plan order.
 
     Args:
-        embedding_set: The source set (validated against ``steps`` by the caller).
-        steps: The chain, in order.
-        batch_rows: Rows per batch sent to an actor and per yielded batch.
-        address: Ray cluster address; None starts a local Ray with 2 CPUs. A Ray already initialised in this
-            process is reused either way. Ray is shut down at the end only if this call started it.
-        actors: Size of the actor pool (each actor asks for 0.5 CPU).
+        job: The upgrade's shared settings; ``job.folder`` must be visible to every node.
+        plans: The output shards, from :func:`~fct_registry.engines.shards.plan_shards`.
+        address: Ray cluster address (``host:port``); None starts a local Ray with 2 CPUs. A Ray already
+            initialised in this process is reused either way; Ray is shut down at the end only if this call
+            started it.
+        workers: Shard tasks running at once; None: as many as the cluster's resources allow (all tasks are
+            submitted; an autoscaling cluster grows to its configured bounds).
+        worker_cpus: CPUs each task asks for (fractions allowed).
+        worker_memory: Bytes of memory each task asks for (Ray's ``memory`` resource; None: no reservation).
+        max_retries: Re-runs of a task whose worker process or node died.
+        on_shard: Called as each shard is finished (in completion order), e.g. to report progress.
 
-    Yields:
-        EmbeddingBatch: ids (n,) int64, labels (n,) int64, embeddings (n, d_new) float32 of the last target,
-        side_info (n, d_side) float32 copied from the source (or None), model = the last step's target.
+    Returns:
+        One result per plan, in plan order.
 
     Raises:
-        UpgradeError: the chain produced NaN or inf (first bad item_id named).
+        EmbeddingSetError, UpgradeError: a shard's upgrade error, with its own message; or (UpgradeError) a task
+            that failed more than ``max_retries`` times (its worker or node died), naming the shard and Ray's
+            error. The remaining tasks are cancelled first.
     """
     started = _start_ray(address)
+    waiting, running, results = deque(plans), {}, {}
     try:
-        ds = ray.data.read_parquet([str(p) for p in embedding_set.shard_paths])
-        ds.context.execution_options.preserve_order = True  # this dataset's own copy of the context
-        ds.context.enable_progress_bars = False
-        ds.context.target_max_block_size = _batch_bytes(embedding_set, batch_rows)  # spread reads over actors
-        ds = ds.map_batches(ChainRunner, fn_constructor_kwargs={"steps": list(steps)}, batch_size=batch_rows,
-                            batch_format="pyarrow", num_cpus=ACTOR_CPUS,
-                            compute=ray.data.ActorPoolStrategy(size=actors))
-        for table in ds.iter_batches(batch_size=batch_rows, batch_format="pyarrow"):
-            ids = table.column("item_id").to_numpy()
-            embeddings = _matrix(table, "embedding")
-            check_finite(embeddings, ids, f"chain {steps[0].source} -> {steps[-1].target} (Ray engine)")
-            sigma = table.column("uncertainty").to_numpy() if "uncertainty" in table.column_names else None
-            yield EmbeddingBatch(ids, table.column("label").to_numpy(), embeddings, _side_info(table),
-                                 model=steps[-1].target, uncertainty=sigma)
+        task = _shard_task.options(num_cpus=worker_cpus, memory=worker_memory, max_retries=max_retries,
+                                   retry_exceptions=False, scheduling_strategy="SPREAD")
+        job_ref = ray.put(job)
+        while waiting or running:
+            while waiting and (workers is None or len(running) < workers):
+                plan = waiting.popleft()
+                running[task.remote(job_ref, plan)] = plan
+            ready, _ = ray.wait(list(running), num_returns=1)
+            for ref in ready:
+                plan = running.pop(ref)
+                try:
+                    result = ray.get(ref)
+                except ray.exceptions.RayError as exc:
+                    message = str(exc).strip().splitlines()[-1] if str(exc).strip() else "no message"
+                    raise UpgradeError(f"shard {plan.file}: its Ray task failed after {max_retries} retries "
+                                       f"({type(exc).__name__}: {message})") from exc
+                if isinstance(result, FctError):
+                    raise result
+                results[plan.index] = result
+                if on_shard is not None:
+                    on_shard(result)
+        return [results[plan.index] for plan in plans]
+    except BaseException:
+        for ref in running:
+            ray.cancel(ref, force=True)
+        raise
     finally:
         if started:
             ray.shutdown()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -71,10 +71,72 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _matrix_from_arrow(column: pa.Array, width: int, name: str) -> np.ndarray:
+def _matrix_from_arrow(column: pa.Array | pa.ChunkedArray, width: int, name: str, copy: bool = True) -> np.ndarray:
     if column.type.list_size != width:
         raise EmbeddingSetError(f"column {name} has width {column.type.list_size}, manifest says {width}")
-    return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, width).copy()
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()  # zero-copy for one chunk
+    matrix = column.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
+    return matrix.copy() if copy else matrix
+
+
+def _vector_from_arrow(column: pa.Array | pa.ChunkedArray, copy: bool) -> np.ndarray:
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    vector = column.to_numpy(zero_copy_only=False)
+    return vector.copy() if copy else vector
+
+
+def read_shard(file: str | os.PathLike, shard: ShardInfo) -> pa.Table:
+    """Read one shard while verifying it: its bytes are read once, hashed, then decoded from memory.
+
+    Args:
+        file: The shard's path.
+        shard: Its manifest entry (sha256 of the file bytes, row count).
+
+    Returns:
+        The shard's table (columns as in this module's docstring); memory: the file's bytes plus the decoded table.
+
+    Raises:
+        EmbeddingSetError: the file cannot be read, its sha256 or row count differs from ``shard`` (the messages
+            of :meth:`EmbeddingSet.verify`).
+    """
+    try:
+        with open(file, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise EmbeddingSetError(f"cannot read shard {file}: {exc.strerror}") from None
+    if hashlib.sha256(data).hexdigest() != shard.sha256:
+        raise EmbeddingSetError(f"shard {file} sha256 does not match the manifest (corrupted)")
+    table = pq.read_table(pa.BufferReader(data))
+    if table.num_rows != shard.rows:
+        raise EmbeddingSetError(f"shard {file} has {table.num_rows} rows, manifest says {shard.rows}")
+    return table
+
+
+def table_batch(table: pa.Table | pa.RecordBatch, manifest: EmbeddingSetManifest, copy: bool = True
+                ) -> EmbeddingBatch:
+    """Rows of a shard's table as an EmbeddingBatch of the set described by ``manifest`` (``model`` left None).
+
+    Args:
+        table: Shard columns, e.g. from :func:`read_shard` (or a slice of it).
+        manifest: The set's manifest (widths, optional columns).
+        copy: False: the arrays are read-only views of the Arrow buffers (no copy; a column in several chunks is
+            still concatenated), which keep those buffers alive.
+
+    Raises:
+        EmbeddingSetError: a vector column's width differs from the manifest.
+    """
+    m = manifest
+    side = None
+    if m.side_info_dim is not None:
+        side = _matrix_from_arrow(table.column("side_info"), m.side_info_dim, "side_info", copy)
+    uncertainty = _vector_from_arrow(table.column("uncertainty"), copy) if m.uncertainty else None
+    backfilled = _vector_from_arrow(table.column("backfilled"), copy) if m.backfilled is not None else None
+    return EmbeddingBatch(_vector_from_arrow(table.column("item_id"), copy),
+                          _vector_from_arrow(table.column("label"), copy),
+                          _matrix_from_arrow(table.column("embedding"), m.dim, "embedding", copy), side,
+                          uncertainty=uncertainty, backfilled=backfilled)
 
 
 class EmbeddingSet:
@@ -134,16 +196,7 @@ class EmbeddingSet:
                                     f"{self.manifest.count}")
 
     def _to_batch(self, table: pa.RecordBatch) -> EmbeddingBatch:
-        m = self.manifest
-        side = None
-        if m.side_info_dim is not None:
-            side = _matrix_from_arrow(table.column("side_info"), m.side_info_dim, "side_info")
-        uncertainty = table.column("uncertainty").to_numpy().copy() if m.uncertainty else None
-        backfilled = (table.column("backfilled").to_numpy(zero_copy_only=False).copy()
-                      if m.backfilled is not None else None)
-        return EmbeddingBatch(table.column("item_id").to_numpy().copy(), table.column("label").to_numpy().copy(),
-                              _matrix_from_arrow(table.column("embedding"), m.dim, "embedding"), side, model=m.model,
-                              uncertainty=uncertainty, backfilled=backfilled)
+        return replace(table_batch(table, self.manifest), model=self.manifest.model)
 
     def read(self) -> EmbeddingBatch:
         """Load the whole set: ids (count,), labels (count,), embeddings (count, d) float32, side_info."""

@@ -2,135 +2,40 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import signal
 import subprocess
 import sys
 import textwrap
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from torch import nn
+from engine_world import (
+    D_MID,
+    D_NEW,
+    D_OLD,
+    D_SIDE,
+    S1,
+    S2,
+    V1,
+    V2,
+    V3,
+    by_hand,
+    chain,
+    digests,
+    leftovers,
+    make_set,
+    step,
+)
 
 from fct_registry.core.errors import UpgradeError
-from fct_registry.core.refs import ModelRef
 from fct_registry.engines.chain import ChainStep, apply_chain, validate_chain
 from fct_registry.engines.run import upgrade_set
-from fct_registry.onnx_boundary.export import export_onnx
 from fct_registry.onnx_boundary.runtime import OnnxModel
-from fct_registry.vectors.batch import EmbeddingBatch, with_model
+from fct_registry.vectors.batch import with_model
 from fct_registry.vectors.embedding_set import EmbeddingSet
 from fct_registry.vectors.set_writer import write_embedding_set
-
-
-def ref(label: str) -> ModelRef:
-    return ModelRef(label=label, sha256=hashlib.sha256(f"model {label}".encode()).hexdigest())
-
-
-V1, V2, V3, S1, S2 = map(ref, ("v1", "v2", "v3", "s1", "s2"))
-D_OLD, D_SIDE, D_MID, D_NEW = 4, 3, 6, 5
-
-
-class LinearWithSide(nn.Module):
-    """h(old_embedding (B, d_old), side_info (B, d_side)) = W_o old + W_s side + b -> (B, d_new)."""
-
-    def __init__(self, d_old: int, d_side: int, d_new: int) -> None:
-        super().__init__()
-        self.old = nn.Linear(d_old, d_new)
-        self.side = nn.Linear(d_side, d_new, bias=False)
-
-    def forward(self, old_embedding: torch.Tensor, side_info: torch.Tensor) -> torch.Tensor:
-        return self.old(old_embedding) + self.side(side_info)
-
-
-class LinearNoSide(nn.Module):
-    """h(old_embedding (B, d_old)) -> (B, d_new), a transformation without side-info."""
-
-    def __init__(self, d_old: int, d_new: int) -> None:
-        super().__init__()
-        self.old = nn.Linear(d_old, d_new)
-
-    def forward(self, old_embedding: torch.Tensor) -> torch.Tensor:
-        return self.old(old_embedding)
-
-
-class LogOfNegative(nn.Module):
-    """log(100 - old^2) (B, d): finite for the standard-normal parity inputs, NaN once |old| > 10."""
-
-    def forward(self, old_embedding: torch.Tensor) -> torch.Tensor:
-        return torch.log(100.0 - old_embedding.square())
-
-
-@dataclass
-class Exported:
-    module: nn.Module
-    path: Path
-
-
-@pytest.fixture(scope="module")
-def h(tmp_path_factory) -> dict[str, Exported]:
-    """Tiny real transformations exported to ONNX once: h1 v1->v2 (4+3 -> 6), h2 v2->v3 (6+3 -> 5),
-    noside v1->v2 (4 -> 6), nan (4 -> 4)."""
-    folder = tmp_path_factory.mktemp("onnx")
-    torch.manual_seed(0)
-    specs = {
-        "h1": (LinearWithSide(D_OLD, D_SIDE, D_MID), {"old_embedding": D_OLD, "side_info": D_SIDE}),
-        "h2": (LinearWithSide(D_MID, D_SIDE, D_NEW), {"old_embedding": D_MID, "side_info": D_SIDE}),
-        "noside": (LinearNoSide(D_OLD, D_MID), {"old_embedding": D_OLD}),
-        "nan": (LogOfNegative(), {"old_embedding": D_OLD}),
-    }
-    out = {}
-    for name, (module, widths) in specs.items():
-        module.eval()
-        example = {n: torch.randn(2, w) for n, w in widths.items()}
-        out[name] = Exported(module, export_onnx(module, example, folder / f"{name}.onnx").path)
-    return out
-
-
-def step(h, name: str, source: ModelRef, target: ModelRef, side: ModelRef | None = S1) -> ChainStep:
-    return ChainStep(onnx_path=h[name].path, source=source, target=target, side_info=side,
-                     name=f"fct-transformation/{name}")
-
-
-def chain(h) -> list[ChainStep]:
-    return [step(h, "h1", V1, V2), step(h, "h2", V2, V3)]
-
-
-def make_set(path: Path, n: int = 300, side: bool = True, shard_rows: int = 128, d: int = D_OLD,
-             seed: int = 0) -> EmbeddingSet:
-    """n items in ceil(n / shard_rows) shards; ids shuffled (not sorted) so row order is really tested."""
-    rng = np.random.default_rng(seed)
-    batch = EmbeddingBatch(
-        ids=rng.permutation(10 * n)[:n].astype(np.int64) * 7,
-        labels=rng.integers(-1, 10, size=n),
-        embeddings=rng.normal(size=(n, d)).astype(np.float32),
-        side_info=rng.normal(size=(n, D_SIDE)).astype(np.float32) if side else None,
-        model=V1,
-    )
-    return write_embedding_set(path, batch, model=V1, side_info_model=S1 if side else None,
-                               lineage=["gallery v1 embedded"], shard_rows=shard_rows)
-
-
-def by_hand(h, names: list[str], batch: EmbeddingBatch) -> np.ndarray:
-    """Apply the torch modules one after the other, as the upgrade should."""
-    x = torch.from_numpy(batch.embeddings)
-    with torch.inference_mode():
-        for name in names:
-            kwargs = {"side_info": torch.from_numpy(batch.side_info)} if name in ("h1", "h2") else {}
-            x = h[name].module(old_embedding=x, **kwargs)
-    return x.numpy()
-
-
-def digests(folder: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
-
-
-def leftovers(parent: Path) -> list[str]:
-    return sorted(p.name for p in parent.iterdir() if p.name.startswith(".tmp-"))
 
 
 def test_two_hop_upgrade_equals_torch_by_hand(h, tmp_path):
@@ -153,7 +58,7 @@ def test_two_hop_upgrade_equals_torch_by_hand(h, tmp_path):
     assert m.lineage == ["gallery v1 embedded",
                          f"upgraded {V1} -> {V2} via fct-transformation/h1 with side-info {S1}",
                          f"upgraded {V2} -> {V3} via fct-transformation/h2 with side-info {S1}"]
-    assert calls == [(64, 300), (128, 300), (192, 300), (256, 300), (300, 300)]  # shards 128, 128, 44
+    assert calls == [(128, 300), (256, 300), (300, 300)]  # after each shard: 128, 128, 44 rows
     assert digests(source.path) == before
     assert leftovers(tmp_path) == []
 
@@ -239,7 +144,7 @@ def test_destination_rules_and_bad_arguments(h, tmp_path):
     for inside in (tmp_path / "v1" / ".." / "v1", source.path / "v3"):
         with pytest.raises(UpgradeError, match="is or lies inside the source set"):
             upgrade_set(source.path, chain(h), inside, overwrite=True)
-    with pytest.raises(UpgradeError, match="batch_rows must be >= 1, got 0"):
+    with pytest.raises(UpgradeError, match="batch_rows must be an integer >= 1, got 0"):
         upgrade_set(source.path, chain(h), tmp_path / "x", batch_rows=0)
     with pytest.raises(UpgradeError, match="engine must be 'local' or 'ray', got 'spark'"):
         upgrade_set(source.path, chain(h), tmp_path / "x", engine="spark")
@@ -293,17 +198,14 @@ def test_ray_engine_writes_the_same_set_as_the_local_engine(h, tmp_path):
     import ray
 
     source = make_set(tmp_path / "v1", n=300, shard_rows=128)  # 3 shards
-    local = upgrade_set(source.path, chain(h), tmp_path / "local", batch_rows=64).read()
+    local = upgrade_set(source.path, chain(h), tmp_path / "local", batch_rows=64)
     calls = []
     distributed = upgrade_set(source.path, chain(h), tmp_path / "ray", batch_rows=64, engine="ray",
                               progress=lambda done, total: calls.append((done, total)))
     assert not ray.is_initialized()  # the call started Ray, so it shut it down
-    got = distributed.read()
-    np.testing.assert_array_equal(got.ids, local.ids)
-    np.testing.assert_array_equal(got.labels, local.labels)
-    np.testing.assert_array_equal(got.side_info, local.side_info)
-    assert np.abs(got.embeddings - local.embeddings).max() <= 1e-6
-    assert distributed.manifest.model == V3 and calls[-1] == (300, 300)
+    assert digests(distributed.path) == digests(local.path)  # byte-identical shards and manifest
+    np.testing.assert_allclose(distributed.read().embeddings, by_hand(h, ["h1", "h2"], source.read()), atol=1e-4)
+    assert distributed.manifest.model == V3 and sorted(calls)[-1] == (300, 300) and len(calls) == 3
     assert leftovers(tmp_path) == []
 
 

@@ -59,10 +59,9 @@ def _command_paths(command, prefix: tuple[str, ...] = ()) -> Iterator[tuple[str,
 def test_help_of_the_app_and_every_command():
     paths = list(_command_paths(typer.main.get_command(app)))
     assert set(paths) == {(), ("models",), ("models", "list"), ("models", "add"), ("sets",), ("sets", "list"),
-                          ("sets", "import"), ("sets", "export"), ("sets", "embed"), ("sets", "clean"), ("sets", "index"),
-                          ("fit",),
-                          ("lineage",), ("promote",), ("upgrade",), ("backfill",), ("evaluate",), ("search",), ("ui",),
-                          ("serve",)}
+                          ("sets", "import"), ("sets", "export"), ("sets", "embed"), ("sets", "clean"),
+                          ("sets", "index"), ("fit",), ("lineage",), ("promote",), ("upgrade",), ("backfill",),
+                          ("evaluate",), ("search",), ("ui",), ("serve",)}
     for path in paths:
         result = runner.invoke(app, [*path, "--help"])
         assert result.exit_code == 0 and "Usage: " in result.stdout, (path, result.output)
@@ -80,7 +79,7 @@ def test_models_list_sets_list_and_lineage_show_the_versions(world):
     assert [r[2] for r in rows] == ["h-v1-v2", "h-v2-v3"]
     (row,) = table_rows(succeeds(cli(world, "sets", "list")))
     assert row[:2] == ["gallery_v1", str(v["v1"].ref)] and row[2].split()[0] == f"fct-backbone/{v['v1'].version}"
-    assert row[3:] == [str(v["s1"].ref), "8", "50", "l2"]
+    assert row[3:] == [str(v["s1"].ref), "8", "50", "l2", "-"]  # "-": no search index built
     lines = succeeds(cli(world, "lineage")).splitlines()
     assert len(lines) == 3 and lines[0].startswith(f"{v['v1'].ref} fct-backbone/")
     assert lines[1].startswith(f"└── {v['v2'].ref} ") and lines[2].startswith(f"    └── {v['v3'].ref} ")

@@ -53,6 +53,7 @@ def _tiny_params(data_dir: Path) -> dict:
     for section in (params["old"], params["new"], params["v3"], params["bct"]["backbone"], params["side_info"]):
         section |= {"epochs": 1, "width": 4, "batch_size": 64}
     params["transformation"] |= {"epochs": 2, "hidden_dim": 32, "seeds": [0, 1]}
+    params["backfill"] |= {"points": 4}
     params["threads"] = 1
     params["registry"]["promote_map_floor"] = 0.0  # 2-epoch models on 400 images cannot pass the demo's quality gate
     return params
@@ -107,6 +108,29 @@ def test_gallery_and_upgraded_set_carry_the_right_versions(repo):
     assert len(report["chain"]) == 2 and report["count"] == 150
     metrics = json.loads((repo / "metrics/upgrade.json").read_text())
     assert metrics["rows"] == 150 and metrics["map"] == report["v3_vs_stored_upgraded"]["map"]
+
+
+def test_fastfill_h_backfill_curves_and_the_upgraded_sets_sigma(repo):
+    """The registered chain's h's are FastFill's (transformation.loss: fastfill): they output sigma, which the upgraded
+    set stores; backbones keep their classifier; the backfill_curve stage measures every curve and the targets."""
+    from fct_registry.method.classifier import LinearClassifier
+    from fct_registry.onnx_boundary.runtime import OnnxModel
+
+    assert LinearClassifier.load(repo / "models/new").weight.shape == (10, 128)
+    assert OnnxModel(repo / "models/transformations/h-v1-v2/seed0/model.onnx").has_uncertainty
+    assert not OnnxModel(repo / "models/transformations/h-v1-v2-mse/seed0/model.onnx").has_uncertainty
+    upgraded = EmbeddingSet.open(repo / "embeddings/gallery_v1@v3")
+    assert upgraded.manifest.uncertainty and np.isfinite(upgraded.read().uncertainty).all()
+    result = json.loads((repo / "metrics/backfill.json").read_text())
+    seeds = {name: auc["n_seeds"] for name, auc in result["auc"].items()}
+    assert seeds == {"fct_random": 2, "fastfill_uncertainty": 2, "fastfill_random": 1, "distance_oracle": 1,
+                     "fct_random_noside": 2, "fastfill_uncertainty_noside": 2, "fastfill_random_noside": 1,
+                     "distance_oracle_noside": 1}
+    assert result["queries"] == 150 and result["points"] == 4 and set(result["targets"]) >= {
+        "fastfill_map_auc_minus_new_new_map", "fastfill_map_gap_closed_at_0"}
+    assert (repo / "reports/backfill.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    registry = ModelRegistry(repo)
+    assert {v.tags["fct.transformation_kind"] for v in registry.versions("transformation")} == {"fastfill"}
 
 
 def test_retrieval_metrics_cover_every_case(repo):
