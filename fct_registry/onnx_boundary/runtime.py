@@ -62,7 +62,8 @@ class OnnxModel:
             transformation's predicted log-variance sigma per item (Jaeckle et al., ICLR 2023, arXiv 2303.04766).
     """
 
-    def __init__(self, path: str | os.PathLike[str], providers: Sequence[str] | None = None) -> None:
+    def __init__(self, path: str | os.PathLike[str], providers: Sequence[str] | None = None,
+                 intra_op_threads: int | None = None, spinning: bool = True) -> None:
         """Load ``path`` into a session.
 
         Args:
@@ -70,6 +71,11 @@ class OnnxModel:
                 ``uncertainty`` (B, 1).
             providers: ONNX Runtime execution providers in priority order; CPU is appended last if missing.
                 None: CUDA first when onnxruntime offers it, then CPU (see ``default_providers``).
+            intra_op_threads: Threads one call may use; None lets ONNX Runtime take one per core (best for one
+                big batch at a time). 1 suits callers that run several sessions at once or small batches on a
+                busy machine (serving, the local upgrade engine's threads).
+            spinning: Whether idle intra-op threads spin waiting for work (ONNX Runtime's default) instead of
+                sleeping; spinning burns CPU that concurrent work could use.
 
         Raises:
             RuntimeInputError: A provider is unavailable, or the file is missing, corrupted or its outputs are
@@ -78,6 +84,13 @@ class OnnxModel:
         self.path = Path(path)
         options = ort.SessionOptions()
         options.log_severity_level = 3  # errors only: no provider fallback chatter
+        if intra_op_threads is not None:
+            if intra_op_threads < 1:
+                raise RuntimeInputError(f"intra_op_threads must be >= 1 (or None for one per core); got "
+                                        f"{intra_op_threads}")
+            options.intra_op_num_threads = intra_op_threads
+        if not spinning:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self._session = ort.InferenceSession(
                 str(self.path), sess_options=options, providers=_resolve_providers(providers)

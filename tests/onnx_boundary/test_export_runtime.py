@@ -185,6 +185,17 @@ def test_runtime_binds_inputs_by_name(exports):
     np.testing.assert_allclose(swapped, _torch_embed(exported.module, inputs), atol=1e-4)
 
 
+def test_single_thread_non_spinning_session_embeds_like_the_default(exports):
+    exported = exports["transformation"]
+    inputs = {n: x.numpy() for n, x in _examples("transformation", batch=5).items()}
+    single = OnnxModel(exported.model.path, intra_op_threads=1, spinning=False)
+    np.testing.assert_allclose(single.run(**inputs), exported.model.run(**inputs), atol=1e-6)
+    torch_inputs = {n: torch.from_numpy(x) for n, x in inputs.items()}
+    np.testing.assert_allclose(single.run(**inputs), _torch_embed(exported.module, torch_inputs), atol=1e-4)
+    with pytest.raises(RuntimeInputError, match="intra_op_threads must be >= 1.*got 0"):
+        OnnxModel(exported.model.path, intra_op_threads=0)
+
+
 def test_runtime_accepts_float64_lists_and_column_slices(exports):
     model = exports["transformation"].model
     inputs64 = {n: x.numpy() for n, x in _examples("transformation", batch=4, dtype=torch.float64).items()}
