@@ -42,7 +42,7 @@ SIDE_LABEL, SIDE_DIM = "s1", 128
 HIDDEN_DIM = 512
 """params.yaml ``transformation.hidden_dim``."""
 SHARD_ROWS = 65536
-"""Rows per Parquet shard, and ``upgrade_set``'s default ``batch_rows``."""
+"""Rows per Parquet shard (``upgrade_set`` feeds ONNX Runtime smaller batches: ``engines.shards.BATCH_ROWS``)."""
 
 
 def machine() -> dict[str, Any]:

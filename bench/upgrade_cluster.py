@@ -45,10 +45,11 @@ import pyarrow as pa
 from fct_registry.engines.chain import apply_chain, check_finite
 from fct_registry.engines.ray_cluster import DRIVER_ENV, LocalRayCluster, NodeSpec
 from fct_registry.engines.run import upgrade_set
-from fct_registry.engines.shards import ShardResult
+from fct_registry.engines.shards import BATCH_ROWS, ShardResult
 from fct_registry.vectors.batch import EmbeddingBatch
 from fct_registry.vectors.embedding_set import EmbeddingSet
 from fct_registry.vectors.set_writer import write_embedding_set
+from fct_registry.vectors.vector_column import vector_array, vector_matrix
 
 
 def _io() -> tuple[int, int]:
@@ -94,12 +95,11 @@ def ray_data_stream(source: EmbeddingSet, steps, dest: Path, actors: int, batch_
 
         def __call__(self, table: pa.Table) -> pa.Table:
             out, _ = apply_chain(self.models, self.steps, matrix(table, "embedding"), matrix(table, "side_info"))
-            column = pa.FixedSizeListArray.from_arrays(pa.array(out.reshape(-1)), out.shape[1])
+            column = vector_array(out)
             return table.set_column(table.schema.get_field_index("embedding"), "embedding", column)
 
     def matrix(table: pa.Table, column: str) -> np.ndarray:
-        values = table.column(column).combine_chunks()
-        return values.flatten().to_numpy(zero_copy_only=False).reshape(len(values), values.type.list_size)
+        return vector_matrix(table.column(column), table.schema.field(column).type.byte_width // 4, column)
 
     m = source.manifest
     ds = ray.data.read_parquet([str(p) for p in source.shard_paths])
@@ -138,7 +138,8 @@ def main() -> None:
     rows = args.rows or (2 * common.SHARD_ROWS if args.quick else 1_000_000)
     worker_counts = list(range(1, args.nodes + 1))
     params = {"rows": rows, "nodes": args.nodes, "cpus_per_node": 1, "worker_cpus": 1, "workers": worker_counts,
-              "hops": 1, "batch_rows": common.SHARD_ROWS, "shard_rows": common.SHARD_ROWS}
+              "hops": 1, "batch_rows (tasks; Ray Data baseline: shard_rows)": BATCH_ROWS,
+              "shard_rows": common.SHARD_ROWS}
     nodes = [NodeSpec(num_cpus=1, resources={f"node_{i}": 1}) for i in range(args.nodes)]
     runs, reports = [], []
     with tempfile.TemporaryDirectory(prefix="fct-bench-", dir=args.workdir) as tmp:

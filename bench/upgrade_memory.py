@@ -1,7 +1,7 @@
 """Peak memory (RSS) of an upgrade at 1e5, 1e6 and 1e7 rows: it stays flat because batches are bounded.
 
 For each size a synthetic v1 set (8-d embedding + 128-d side-info, under ``--workdir``) is written by this
-process, then a fresh Python subprocess runs ``upgrade_set`` (local engine, 1 hop v1 -> v2, batch_rows 65536)
+process, then a fresh Python subprocess runs ``upgrade_set`` (local engine with its defaults, 1 hop v1 -> v2)
 and reports its peak RSS (``VmHWM`` of ``/proc/self/status``) and its RSS just before the upgrade (after imports).
 Not ``ru_maxrss``: Linux carries the parent's peak over fork + exec into the child's ``ru_maxrss``. Sets are
 deleted after each size; a size whose sets do not fit on the disk is skipped and the reason recorded. Memory
@@ -24,7 +24,9 @@ import common
 import psutil
 
 from fct_registry.engines.chain import ChainStep
+from fct_registry.engines.local import DEFAULT_THREADS
 from fct_registry.engines.run import upgrade_set
+from fct_registry.engines.shards import BATCH_ROWS
 
 HOPS = 1
 MIB = 2**20
@@ -40,7 +42,7 @@ def child(source: str, dest: str, steps_json: str) -> None:
     """Run one upgrade in this fresh process and print its memory figures as one JSON line."""
     steps = [ChainStep.model_validate(s) for s in json.loads(Path(steps_json).read_text())]
     before = psutil.Process().memory_info().rss
-    upgrade_set(source, steps, dest, batch_rows=common.SHARD_ROWS)
+    upgrade_set(source, steps, dest)
     status = Path("/proc/self/status").read_text()
     peak_kib = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")))
     print(json.dumps({"rss_before_upgrade_mib": before / MIB, "peak_rss_mib": peak_kib / 1024}))
@@ -78,7 +80,8 @@ def main() -> None:
         return
     host = common.machine()
     sizes = args.sizes or ([100_000, 300_000] if args.quick else [100_000, 1_000_000, 10_000_000])
-    params = {"sizes": sizes, "hops": HOPS, "batch_rows": common.SHARD_ROWS, "engine": "local",
+    params = {"sizes": sizes, "hops": HOPS, "batch_rows": BATCH_ROWS, "shard_rows": common.SHARD_ROWS,
+              "engine": f"local, {DEFAULT_THREADS} threads",
               "workdir": str(args.workdir),
               "disk_free_gib_at_start": round(shutil.disk_usage(args.workdir).free / 2**30, 1)}
     with tempfile.TemporaryDirectory(prefix="fct-bench-", dir=args.workdir) as tmp:
@@ -99,8 +102,8 @@ def main() -> None:
         notes=["Each upgrade runs in a fresh subprocess; peak_rss_mib is its lifetime peak RSS (VmHWM), "
                "rss_before_upgrade_mib its RSS after imports, growth_mib the difference.",
                "Sets are synthetic (standard normal) and written under the workdir, then deleted.",
-               "A set smaller than batch_rows is upgraded in one smaller batch and so peaks lower: judge flatness "
-               "on sizes of at least batch_rows.",
+               "Each engine thread holds one shard (shard_rows) in memory: a set of fewer shards than threads "
+               "peaks lower; judge flatness on sizes of several shards.",
                "disk_gib: approximate size of the source and upgraded sets together."])
 
 

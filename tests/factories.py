@@ -39,8 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import blake3
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -59,8 +59,9 @@ from fct_registry.registry.publishing import publish_model
 from fct_registry.registry.versions import RegisteredVersion
 from fct_registry.usecases.sets import build_gallery
 from fct_registry.vectors.batch import EmbeddingBatch
-from fct_registry.vectors.embedding_set import MANIFEST, EmbeddingSet
+from fct_registry.vectors.embedding_set import MANIFEST, EmbeddingSet, ShardInfo
 from fct_registry.vectors.set_writer import write_embedding_set
+from fct_registry.vectors.vector_column import vector_array, vector_matrix
 
 IMAGE_SHAPE = (1, 28, 28)
 N_CLASSES, TRAIN_PER_CLASS, TEST_PER_CLASS = 5, 4, 10
@@ -278,7 +279,7 @@ def without_side_info(source: Path, dest: Path) -> EmbeddingSet:
 
 
 def poison_set(path: Path, row: int, column: str = "embedding") -> int:
-    """Write NaN into one row of a stored set's first shard, keeping its manifest consistent (sha256 updated).
+    """Write NaN into one row of a stored set's first shard, keeping its manifest consistent (checksum updated).
 
     ``write_embedding_set`` refuses NaN, so this edits the shard the way a bad producer or a bit flip would.
 
@@ -288,12 +289,14 @@ def poison_set(path: Path, row: int, column: str = "embedding") -> int:
     stored = EmbeddingSet.open(path)
     shard = stored.shard_paths[0]
     table = pq.read_table(shard)
-    width = table.schema.field(column).type.list_size
-    values = table.column(column).combine_chunks().flatten().to_numpy().reshape(-1, width).copy()
+    width = stored.manifest.dim if column == "embedding" else stored.manifest.side_info_dim
+    values = vector_matrix(table.column(column), width, column)
     values[row, 0] = np.nan
-    poisoned = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), width)
+    poisoned = vector_array(values)
     pq.write_table(table.set_column(table.schema.get_field_index(column), column, poisoned), shard)
-    shards = [stored.manifest.shards[0].model_copy(update={"sha256": _sha256(shard)}), *stored.manifest.shards[1:]]
+    rewritten = ShardInfo(file=stored.manifest.shards[0].file, rows=stored.manifest.shards[0].rows,
+                          blake3=blake3.blake3(shard.read_bytes()).hexdigest())
+    shards = [rewritten, *stored.manifest.shards[1:]]
     (path / MANIFEST).write_text(stored.manifest.model_copy(update={"shards": shards}).model_dump_json(indent=2))
     return int(table.column("item_id")[row].as_py())
 

@@ -49,7 +49,7 @@ def upgrade(
     engine: Annotated[Engine, typer.Option(help="Where the chain runs.")] = Engine.local,
     address: Annotated[str | None, typer.Option(help="Ray cluster address (--engine ray); default: a local "
                                                      "Ray.")] = None,
-    batch_rows: Annotated[int, typer.Option(min=1, help="Rows per batch through ONNX Runtime.")] = 65536,
+    batch_rows: Annotated[int, typer.Option(min=1, help="Rows per batch through ONNX Runtime.")] = usecase.BATCH_ROWS,
     workers: Annotated[int | None, typer.Option(min=1, help="Shards upgraded at once: threads (local engine, "
                                                             "default 2) or Ray tasks (default: as many as the "
                                                             "cluster's CPUs allow).")] = None,

@@ -24,7 +24,7 @@ from dataclasses import replace
 import ray
 
 from fct_registry.core.errors import FctError, UpgradeError
-from fct_registry.engines.shards import ShardJob, ShardPlan, ShardResult, upgrade_shard
+from fct_registry.engines.shards import ShardJob, ShardPlan, ShardResult, load_sessions, upgrade_shard
 from fct_registry.onnx_boundary.runtime import OnnxModel
 
 LOCAL_CPUS = 2
@@ -32,15 +32,17 @@ LOCAL_CPUS = 2
 MAX_RETRIES = 3
 """Times a shard's task is re-run after its worker process or node died."""
 
-_SESSIONS: dict[tuple[str, ...], list[OnnxModel]] = {}
-"""Sessions loaded by this worker process, by the chain's ONNX paths: loaded once, reused by its next tasks."""
+_SESSIONS: dict[tuple[object, ...], list[OnnxModel]] = {}
+"""Sessions loaded by this worker process, by the chain's ONNX paths and threads: loaded once, reused by its next
+tasks. Each has as many intra-op threads as the task asks CPUs (``job.session_threads``), so tasks sharing a node
+do not oversubscribe its cores."""
 
 
 def _models(job: ShardJob) -> list[OnnxModel]:
-    key = tuple(str(step.onnx_path) for step in job.steps)
+    key = (job.session_threads, *(str(step.onnx_path) for step in job.steps))
     if key not in _SESSIONS:
         _SESSIONS.clear()
-        _SESSIONS[key] = [OnnxModel(step.onnx_path) for step in job.steps]
+        _SESSIONS[key] = load_sessions(job)
     return _SESSIONS[key]
 
 

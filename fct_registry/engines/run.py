@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Literal
 
 from fct_registry.core.errors import EmbeddingSetError, UpgradeError
 from fct_registry.engines.chain import ChainStep, Progress, validate_chain
-from fct_registry.engines.local import DEFAULT_THREADS, upgrade_shards_local
-from fct_registry.engines.shards import ShardJob, ShardPlan, ShardResult, plan_shards
+from fct_registry.engines.local import DEFAULT_THREADS, session_threads, upgrade_shards_local
+from fct_registry.engines.shards import BATCH_ROWS, ShardJob, ShardPlan, ShardResult, plan_shards
 from fct_registry.vectors.embedding_set import EmbeddingSet, EmbeddingSetManifest
 from fct_registry.vectors.set_writer import commit_set, prepare_set
 
@@ -63,7 +63,7 @@ def check_upgrade(source: EmbeddingSet, steps: Sequence[ChainStep], dest_path: s
 
 
 def upgrade_set(source: EmbeddingSet | str | os.PathLike[str], steps: Sequence[ChainStep],
-                dest_path: str | os.PathLike[str], batch_rows: int = 65536,
+                dest_path: str | os.PathLike[str], batch_rows: int = BATCH_ROWS,
                 engine: Literal["local", "ray"] = "local", progress: Progress | None = None,
                 overwrite: bool = False, address: str | None = None, workers: int | None = None,
                 worker_cpus: float | None = None, worker_memory: int | None = None,
@@ -85,7 +85,7 @@ def upgrade_set(source: EmbeddingSet | str | os.PathLike[str], steps: Sequence[C
         steps: The chain in application order (e.g. planned by ``chains.plan_chain``).
         dest_path: Where the upgraded set (embeddings (count, d_new) float32) is written; for the Ray engine, a
             path every node sees.
-        batch_rows: Rows per batch fed to ONNX Runtime.
+        batch_rows: Rows per batch fed to ONNX Runtime (default ``shards.BATCH_ROWS``).
         engine: ``"local"`` (threads of this process) or ``"ray"`` (one Ray task per output shard).
         progress: Optional ``progress(rows_done, rows_total)`` callback, called after each shard is written.
         overwrite: Replace an existing set at ``dest_path`` (swapped out only once the new one is complete).
@@ -95,7 +95,7 @@ def upgrade_set(source: EmbeddingSet | str | os.PathLike[str], steps: Sequence[C
         worker_cpus: Ray engine only: CPUs each task asks for (default 1; fractions allowed).
         worker_memory: Ray engine only: bytes of memory each task asks for (default: no reservation).
         models: The sessions returned by :func:`check_upgrade` for this source, chain and destination; None
-            runs the checks here.
+            runs the checks here. The engines load their own sessions, sized for their threads.
         extra_files: Sidecar files written into the new set with it (file name -> bytes), e.g. a record of the
             upgrade that made it.
         on_shard: Optional callback given each shard's report as it is written (file, rows, sha256, bytes, the
@@ -121,8 +121,9 @@ def upgrade_set(source: EmbeddingSet | str | os.PathLike[str], steps: Sequence[C
     plans = plan_shards(EmbeddingSet(source.path.resolve(), m), max(s.rows for s in m.shards))
     tmp = prepare_set(dest_path, overwrite, extra_files)
     try:  # absolute paths: a worker on another node has another working directory
+        threads = session_threads(workers or DEFAULT_THREADS) if engine == "local" else max(1, int(worker_cpus or 1))
         job = ShardJob(tuple(s.model_copy(update={"onnx_path": s.onnx_path.resolve()}) for s in steps), batch_rows,
-                       str(tmp.resolve()), m, str(source.path))
+                       str(tmp.resolve()), m, str(source.path), threads)
         done = []
 
         def report(result: ShardResult) -> None:
@@ -133,7 +134,7 @@ def upgrade_set(source: EmbeddingSet | str | os.PathLike[str], steps: Sequence[C
                 progress(sum(done), m.count)
 
         if engine == "local":
-            results = upgrade_shards_local(job, plans, models, workers or DEFAULT_THREADS, report)
+            results = upgrade_shards_local(job, plans, workers or DEFAULT_THREADS, report)
         else:
             from fct_registry.engines.ray_engine import upgrade_shards_ray
 

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from fct_registry.engines.chain import ChainStep, apply_chain, check_stored_finite
 from fct_registry.vectors.batch import EmbeddingBatch, concat_batches
 from fct_registry.vectors.embedding_set import EmbeddingSet, EmbeddingSetManifest, ShardInfo, read_shard, table_batch
@@ -25,6 +27,12 @@ from fct_registry.vectors.set_writer import check_batch, write_shard
 
 if TYPE_CHECKING:
     from fct_registry.onnx_boundary.runtime import OnnxModel
+
+
+BATCH_ROWS = 4096
+"""Rows per ONNX Runtime call by default. Small enough that a transformation's activations (4096 x 512 float32 = 8 MB
+for the project's hidden width) stay in cache: one hop ran at 158,000-172,000 rows/s in 4096-row calls vs 113,000 in
+65,536-row calls (Intel Xeon, 2 cores; 1024 and 8192 were slower); the shards stay 65,536 rows."""
 
 
 @dataclass(frozen=True)
@@ -63,6 +71,8 @@ class ShardJob:
         folder: The destination set's temp dir (from ``prepare_set``), seen by every worker.
         source: The source set's manifest (widths, optional columns, ``normalized``).
         source_path: The source set's folder, named in errors.
+        session_threads: Intra-op threads of each worker's ONNX Runtime sessions, which then do not spin while
+            idle (several run at once: see :func:`load_sessions`); None: ONNX Runtime's default, one per core.
     """
 
     steps: tuple[ChainStep, ...]
@@ -70,6 +80,24 @@ class ShardJob:
     folder: str
     source: EmbeddingSetManifest
     source_path: str
+    session_threads: int | None = None
+
+
+def load_sessions(job: ShardJob) -> list[OnnxModel]:
+    """One ONNX Runtime session per step of ``job``, with ``job.session_threads`` intra-op threads.
+
+    A worker that shares its cores with other workers (the local engine's threads, Ray tasks on one node) gets
+    its share of them and no spinning: an idle session's spinning threads would burn the cores the others compute,
+    read and write on (on 2 cores, 2 engine threads: 1-thread sessions upgrade 13 % more rows/s than 2 threads'
+    default sessions; ``bench/results/upgrade_local_loop.md``).
+
+    Raises:
+        RuntimeInputError: an ONNX file does not load.
+    """
+    from fct_registry.onnx_boundary.runtime import OnnxModel
+
+    threads = job.session_threads
+    return [OnnxModel(step.onnx_path, intra_op_threads=threads, spinning=threads is None) for step in job.steps]
 
 
 @dataclass(frozen=True)
@@ -110,7 +138,7 @@ def plan_shards(source: EmbeddingSet, shard_rows: int) -> list[ShardPlan]:
 
 
 def upgrade_shard(job: ShardJob, plan: ShardPlan, models: Sequence[OnnxModel]) -> ShardResult:
-    """Read, upgrade, check and write one output shard.
+    """Read, upgrade, check and write one output shard: :func:`compute_shard`, then :func:`store_shard`.
 
     Args:
         job: The upgrade's shared settings.
@@ -122,24 +150,56 @@ def upgrade_shard(job: ShardJob, plan: ShardPlan, models: Sequence[OnnxModel]) -
         ``uncertainty`` (rows,) float32 iff the last step outputs one) is in ``job.folder``.
 
     Raises:
-        EmbeddingSetError: a source shard is unreadable or fails its sha256/row check; the source is normalized
-            and an output is not a unit vector.
+        EmbeddingSetError, UpgradeError: as :func:`compute_shard` and :func:`store_shard`.
+    """
+    shard, seconds = compute_shard(job, plan, models)
+    return store_shard(job, plan, shard, seconds)
+
+
+def compute_shard(job: ShardJob, plan: ShardPlan, models: Sequence[OnnxModel]) -> tuple[EmbeddingBatch, float]:
+    """Read one output shard's source rows (checksums verified) and run them through the chain, ``job.batch_rows``
+    rows per ONNX Runtime call, into one preallocated output (no concatenation of batches).
+
+    Returns:
+        The upgraded rows (embeddings (rows, d_new) float32, ids, labels and side-info as stored, ``uncertainty``
+        (rows,) float32 iff the last step outputs one), and the seconds it took.
+
+    Raises:
+        EmbeddingSetError: a source shard is unreadable or fails its checksum/row check.
         UpgradeError: the source stores NaN/inf, or a step outputs NaN/inf (step and first bad item_id named).
     """
-    started, steps, outputs = time.perf_counter(), list(job.steps), []
+    started, steps, parts = time.perf_counter(), list(job.steps), []
+    last = models[-1]
     for piece in plan.pieces:
-        table = read_shard(piece.path, piece.shard).slice(piece.start, piece.stop - piece.start)
-        for offset in range(0, table.num_rows, job.batch_rows):
-            batch = table_batch(table.slice(offset, job.batch_rows), job.source, copy=False)
-            check_stored_finite(batch, Path(job.source_path))
-            upgraded, sigma = apply_chain(models, steps, batch.embeddings, batch.side_info, ids=batch.ids)
-            outputs.append(EmbeddingBatch(batch.ids, batch.labels, upgraded, batch.side_info, model=steps[-1].target,
-                                          uncertainty=sigma))
-        del table
-    shard = outputs[0] if len(outputs) == 1 else concat_batches(outputs)
-    outputs.clear()
+        rows = table_batch(read_shard(piece.path, piece.shard).slice(piece.start, piece.stop - piece.start),
+                           job.source, copy=False)  # views of the shard's Arrow buffers
+        check_stored_finite(rows, Path(job.source_path))
+        upgraded = np.empty((len(rows), last.output_dim), dtype=np.float32)
+        sigma = np.empty(len(rows), dtype=np.float32) if last.has_uncertainty else None
+        for start in range(0, len(rows), job.batch_rows):
+            part = slice(start, start + job.batch_rows)
+            side = None if rows.side_info is None else rows.side_info[part]
+            upgraded[part], part_sigma = apply_chain(models, steps, rows.embeddings[part], side, ids=rows.ids[part])
+            if sigma is not None:
+                sigma[part] = part_sigma
+        parts.append(EmbeddingBatch(rows.ids, rows.labels, upgraded, rows.side_info, model=steps[-1].target,
+                                    uncertainty=sigma))
+    shard = parts[0] if len(parts) == 1 else concat_batches(parts)
+    return shard, time.perf_counter() - started
+
+
+def store_shard(job: ShardJob, plan: ShardPlan, shard: EmbeddingBatch, seconds: float = 0.0) -> ShardResult:
+    """Check ``shard`` (from :func:`compute_shard`) and write it as ``plan.file`` into ``job.folder``.
+
+    Args:
+        seconds: Time already spent on the shard (its compute), added to the result's ``seconds``.
+
+    Raises:
+        EmbeddingSetError: the source is normalized and an output is not a unit vector; NaN/inf in a column.
+    """
+    started = time.perf_counter()
     check_batch(shard, shard, job.source.normalized)
     info = write_shard(job.folder, plan.file, shard)
     size = os.stat(Path(job.folder) / plan.file).st_size
     return ShardResult(info, size, shard.embeddings.shape[1], shard.uncertainty is not None, socket.gethostname(),
-                       os.getpid(), time.perf_counter() - started)
+                       os.getpid(), seconds + time.perf_counter() - started)

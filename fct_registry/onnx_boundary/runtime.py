@@ -120,8 +120,9 @@ class OnnxModel:
         Args:
             *arrays: At most one positional array, and only for a single-input model.
             **inputs: Input name -> array-like (B, ...) of finite real numbers (any int/float dtype, numpy array
-                or nested lists); each is cast to a new C-contiguous float32 array. Keyword order does not
-                matter. A single item must keep its batch axis: (1, ...).
+                or nested lists); each is cast to a C-contiguous float32 array (no copy when it already is one; the
+                caller's array is never modified). Keyword order does not matter. A single item must keep its batch
+                axis: (1, ...).
 
         Returns:
             float32 array (B, output_dim); B = 1 stays (1, output_dim).
@@ -175,7 +176,7 @@ class OnnxModel:
             raise RuntimeInputError(f"input {name!r} holds {kind} (dtype {raw.dtype}); expected real numbers "
                                     "(int or float)")
         with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf, refused below
-            array = np.array(raw, dtype=np.float32, order="C")
+            array = np.asarray(raw, dtype=np.float32, order="C")  # no copy when it already is (ORT only reads it)
         fixed = all(e == a for e, a in zip(expected[1:], array.shape[1:], strict=False) if isinstance(e, int))
         if array.ndim != len(expected) or not fixed:
             raise RuntimeInputError(f"input {name!r} has shape {array.shape}; expected {expected}")

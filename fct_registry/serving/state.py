@@ -107,7 +107,9 @@ def load_pair(registry: ModelRegistry, sets_root: str | os.PathLike, alias: str 
     """
     version = registry.resolve_alias("backbone", alias)
     gallery = matching_set(sets_root, version, alias)
-    backbone = OnnxModel(registry.onnx_path(version), providers=providers)
+    # One non-spinning intra-op thread: the service embeds a few images per call from its one search worker, where
+    # a second thread only waits to be scheduled (p99) and spinning burns the CPU the HTTP workers need.
+    backbone = OnnxModel(registry.onnx_path(version), providers=providers, intra_op_threads=1, spinning=False)
     contract = _image_contract(backbone, version)
     served = open_serving_index(gallery, serving, notify)
     return ServedPair(alias, version, backbone, contract, gallery, served.index, served)

@@ -18,6 +18,7 @@ from typing import Literal
 from fct_registry.core.errors import RegistryError
 from fct_registry.engines.chain import ChainStep, Progress
 from fct_registry.engines.run import check_engine_options, check_upgrade, upgrade_set
+from fct_registry.engines.shards import BATCH_ROWS
 from fct_registry.registry.chains import Edge, plan_chain
 from fct_registry.registry.model_registry import ModelRegistry
 from fct_registry.registry.versions import RegisteredVersion, file_sha256
@@ -94,7 +95,7 @@ class UpgradeResult:
 
 def run_upgrade(registry: ModelRegistry, source: EmbeddingSet, target: RegisteredVersion,
                 dest: str | os.PathLike, engine: Literal["local", "ray"] = "local", address: str | None = None,
-                progress: Progress | None = None, dry_run: bool = False, batch_rows: int = 65536,
+                progress: Progress | None = None, dry_run: bool = False, batch_rows: int = BATCH_ROWS,
                 on_plan: Callable[[list[ChainStep]], None] | None = None, workers: int | None = None,
                 worker_cpus: float | None = None, worker_memory: int | None = None) -> UpgradeResult:
     """Plan, validate and run the upgrade of a stored set to ``target``, and record it as an MLflow run.

@@ -8,7 +8,6 @@ sees the temp dir) use the steps one by one: :func:`prepare_set`, :func:`write_s
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -24,7 +23,15 @@ import pyarrow.parquet as pq
 from fct_registry.core.errors import EmbeddingSetError, VersionMismatchError
 from fct_registry.core.refs import ModelRef
 from fct_registry.vectors.batch import OPTIONAL_FIELDS, EmbeddingBatch, concat_batches, slice_batch
-from fct_registry.vectors.embedding_set import MANIFEST, TEMP_SUFFIX, EmbeddingSet, EmbeddingSetManifest, ShardInfo
+from fct_registry.vectors.embedding_set import (
+    MANIFEST,
+    TEMP_SUFFIX,
+    EmbeddingSet,
+    EmbeddingSetManifest,
+    ShardInfo,
+    new_hasher,
+)
+from fct_registry.vectors.vector_column import vector_array
 
 PARQUET_OPTIONS = {"use_dictionary": ["label"], "compression": {"item_id": "snappy", "label": "snappy"},
                    "write_statistics": ["item_id", "label"]}
@@ -35,19 +42,15 @@ three cost about a third of the shard-encoding time (measured for the upgrade en
 pyarrow's defaults (sets made before) read the same."""
 
 
-def _fixed_list(matrix: np.ndarray) -> pa.FixedSizeListArray:
-    return pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), matrix.shape[1])
-
-
 def shard_bytes(batch: EmbeddingBatch) -> pa.Buffer:
     """The Parquet file of one shard holding ``batch`` (columns as in :mod:`~fct_registry.vectors.embedding_set`).
 
     The same batch always gives the same bytes (a pure function of the values), so two writers of one shard agree.
     """
     columns = {"item_id": pa.array(batch.ids), "label": pa.array(batch.labels),
-               "embedding": _fixed_list(batch.embeddings)}
+               "embedding": vector_array(batch.embeddings)}
     if batch.side_info is not None:
-        columns["side_info"] = _fixed_list(batch.side_info)
+        columns["side_info"] = vector_array(batch.side_info)
     if batch.uncertainty is not None:
         columns["uncertainty"] = pa.array(batch.uncertainty)
     if batch.backfilled is not None:
@@ -79,11 +82,12 @@ def write_shard(folder: str | os.PathLike, file: str, batch: EmbeddingBatch) -> 
         batch: The shard's rows (embeddings (n, d) float32, n >= 1), checked by :func:`check_batch` beforehand.
 
     Returns:
-        The shard's manifest entry: file, rows, sha256 of the bytes written (hashed in memory, not re-read).
+        The shard's manifest entry: file, rows, blake3 of the bytes written (hashed in memory, not re-read).
     """
     folder = Path(folder)
     data = shard_bytes(batch)
-    digest = hashlib.sha256(data).hexdigest()
+    digest = new_hasher("blake3")
+    digest.update(data)
     tmp = folder / f".{file}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
     try:
         _write_file(tmp, data)
@@ -91,7 +95,7 @@ def write_shard(folder: str | os.PathLike, file: str, batch: EmbeddingBatch) -> 
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return ShardInfo(file=file, rows=len(batch), sha256=digest)
+    return ShardInfo(file=file, rows=len(batch), blake3=digest.hexdigest())
 
 
 def _temp_dirs(path: Path) -> list[Path]:

@@ -8,6 +8,7 @@ import pytest
 from engine_world import V1, V2, V3, by_hand, chain, digests, leftovers, make_set, step
 
 from fct_registry.core.errors import EmbeddingSetError, UpgradeError
+from fct_registry.engines.local import session_threads
 from fct_registry.engines.run import upgrade_set
 from fct_registry.vectors.batch import EmbeddingBatch
 from fct_registry.vectors.embedding_set import MANIFEST, EmbeddingSet
@@ -55,7 +56,7 @@ def test_a_corrupted_source_shard_is_caught_while_reading_and_nothing_is_written
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
-    with pytest.raises(EmbeddingSetError, match=r"shard .*part-00002\.parquet sha256 does not match the manifest"):
+    with pytest.raises(EmbeddingSetError, match=r"shard .*part-00002\.parquet blake3 does not match the manifest"):
         upgrade_set(source.path, chain(h), tmp_path / "v3", workers=2)
     assert not (tmp_path / "v3").exists() and leftovers(tmp_path) == []
 
@@ -91,3 +92,8 @@ def test_bad_engine_options_are_refused_before_anything_runs(h, tmp_path, case):
         upgrade_set(source.path, chain(h), tmp_path / "v3", **options)
     assert "\n" not in str(info.value)
     assert not (tmp_path / "v3").exists() and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize(("threads", "cpus", "expected"), [(1, 2, None), (2, 2, 1), (3, 2, 1), (2, 16, 8), (3, 16, 5)])
+def test_engine_threads_share_the_cores_among_their_sessions(threads, cpus, expected):
+    assert session_threads(threads, cpus) == expected

@@ -6,6 +6,7 @@ import hashlib
 import tempfile
 from pathlib import Path
 
+import blake3
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -47,8 +48,8 @@ def set_contents(draw):
     return batches, draw(st.integers(2, 16)), draw(st.sampled_from(["l2", "cosine"]))
 
 
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def file_blake3(path: Path) -> str:
+    return blake3.blake3(path.read_bytes()).hexdigest()
 
 
 @settings(max_examples=50, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
@@ -68,7 +69,8 @@ def test_written_set_reads_back_exactly_and_its_checksums_hold(contents, read_ro
         assert [s.rows for s in m.shards] == [min(shard_rows, len(want) - start)
                                               for start in range(0, len(want), shard_rows)]
         for shard, file in zip(m.shards, opened.shard_paths, strict=True):
-            assert shard.sha256 == file_sha256(file) and pq.read_metadata(file).num_rows == shard.rows
+            assert shard.blake3 == file_blake3(file) and shard.sha256 is None
+            assert pq.read_metadata(file).num_rows == shard.rows
         assert sorted(p.name for p in path.iterdir()) == sorted(["manifest.json", *(s.file for s in m.shards)])
         assert [p.name for p in Path(tmp).iterdir()] == ["set"]  # no temp dir left beside it
 
@@ -82,5 +84,5 @@ def test_written_set_reads_back_exactly_and_its_checksums_hold(contents, read_ro
         data = bytearray(victim.read_bytes())
         data[len(data) // 2] ^= 0x01  # one flipped bit anywhere in a shard is caught by its checksum
         victim.write_bytes(bytes(data))
-        with pytest.raises(EmbeddingSetError, match=rf"shard {victim} sha256 does not match"):
+        with pytest.raises(EmbeddingSetError, match=rf"shard {victim} blake3 does not match"):
             EmbeddingSet.open(path, verify=True)
