@@ -187,8 +187,8 @@ def main() -> None:
         notes=["Nodes are processes of this one machine: they share its cores, memory and disk, so adding a "
                "worker adds no hardware here; per-worker rates and the driver's share are what carry over to a "
                "real cluster.",
-               "ONNX Runtime in each worker uses its default thread pool (one thread per core of the machine), "
-               "so one worker already keeps both cores busy; two workers split them.",
+               "Each task runs ONNX Runtime sessions with as many threads as CPUs it asks (1 here), so one worker "
+               "computes on one core and two workers on both.",
                "driver read/written: /proc/self/io read_chars and write_chars of the driver process during the "
                "upgrade; they include Ray's control traffic over sockets and loading the ONNX files to validate "
                "the chain. A task-based run writes only the manifest and sidecars to the set.",
