@@ -88,8 +88,8 @@ def load_sessions(job: ShardJob) -> list[OnnxModel]:
 
     A worker that shares its cores with other workers (the local engine's threads, Ray tasks on one node) gets
     its share of them and no spinning: an idle session's spinning threads would burn the cores the others compute,
-    read and write on (on 2 cores, 2 engine threads: 1-thread sessions upgrade 13 % more rows/s than 2 threads'
-    default sessions; ``bench/results/upgrade_local_loop.md``).
+    read and write on (on 2 cores, 2 engine threads, list-column shards: 81,798 rows/s with 1-thread sessions vs
+    70,643 with the default ones, side by side in ``bench/upgrade_local_loop.py`` before issue 13's other changes).
 
     Raises:
         RuntimeInputError: an ONNX file does not load.
