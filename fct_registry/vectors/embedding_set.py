@@ -17,7 +17,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 import blake3
 import numpy as np
@@ -80,8 +80,16 @@ class ShardInfo(BaseModel):
         return digest == (self.blake3 if self.blake3 is not None else self.sha256)
 
 
-def new_hasher(checksum: Checksum) -> blake3.blake3 | hashlib._Hash:
-    """An empty hasher of ``checksum`` (``update(bytes)``, ``hexdigest()``)."""
+class Hasher(Protocol):
+    """A shard checksum's hasher (blake3's or hashlib's)."""
+
+    def update(self, data: bytes | memoryview, /) -> None: ...
+
+    def hexdigest(self) -> str: ...
+
+
+def new_hasher(checksum: Checksum) -> Hasher:
+    """An empty hasher of ``checksum``."""
     return blake3.blake3() if checksum == "blake3" else hashlib.sha256()
 
 

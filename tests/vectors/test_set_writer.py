@@ -1,10 +1,12 @@
-"""The set writer checks the model each batch carries: vectors of another model of the same width are refused."""
+"""The set writer checks the model each batch carries (vectors of another model of the same width are refused) and
+writes each shard as the bytes of its in-memory encoding, hashed as they are written."""
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import replace
 
+import blake3
 import numpy as np
 import pytest
 from batch_checks import assert_batches_equal
@@ -13,7 +15,7 @@ from fct_registry.core.errors import EmbeddingSetError, VersionMismatchError
 from fct_registry.core.refs import ModelRef
 from fct_registry.vectors.batch import EmbeddingBatch, concat_batches, slice_batch, with_model
 from fct_registry.vectors.embedding_set import EmbeddingSet
-from fct_registry.vectors.set_writer import write_embedding_set
+from fct_registry.vectors.set_writer import shard_bytes, write_embedding_set, write_shard
 
 V1 = ModelRef(label="v1", sha256=hashlib.sha256(b"model v1").hexdigest())
 V2 = ModelRef(label="v2", sha256=hashlib.sha256(b"model v2").hexdigest())
@@ -70,3 +72,16 @@ def test_batches_keep_their_model_through_slicing_concatenation_and_tagging():
         with_model(a, V2)
     with pytest.raises(EmbeddingSetError, match="model must be a ModelRef or None, got str 'v1'"):
         EmbeddingBatch([0], [0], [[1.0]], model="v1")  # type: ignore[arg-type]
+
+
+def test_a_shard_is_written_as_its_in_memory_encoding_and_its_checksum_is_of_the_file(tmp_path):
+    rng = np.random.default_rng(3)
+    n = 20_000  # 10 MB of vectors: Parquet writes many pages through the hashing file
+    rows = EmbeddingBatch(rng.permutation(n), rng.integers(0, 10, n), rng.normal(size=(n, 64)).astype(np.float32),
+                          rng.normal(size=(n, 64)).astype(np.float32), uncertainty=rng.random(n, dtype=np.float32))
+    info = write_shard(tmp_path, "part-00000.parquet", rows)
+    data = (tmp_path / "part-00000.parquet").read_bytes()
+    assert data == shard_bytes(rows).to_pybytes() and len(data) > 10**7
+    assert (info.file, info.rows, info.blake3, info.sha256) == ("part-00000.parquet", n,
+                                                                  blake3.blake3(data).hexdigest(), None)
+    assert [p.name for p in tmp_path.iterdir()] == ["part-00000.parquet"]  # the temp file was renamed
