@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -156,35 +156,69 @@ def upgrade_shard(job: ShardJob, plan: ShardPlan, models: Sequence[OnnxModel]) -
     return store_shard(job, plan, shard, seconds)
 
 
-def compute_shard(job: ShardJob, plan: ShardPlan, models: Sequence[OnnxModel]) -> tuple[EmbeddingBatch, float]:
-    """Read one output shard's source rows (checksums verified) and run them through the chain, ``job.batch_rows``
-    rows per ONNX Runtime call, into one preallocated output (no concatenation of batches).
+def read_plan(job: ShardJob, plan: ShardPlan) -> list[EmbeddingBatch]:
+    """Read one output shard's source rows, checksums verified, one batch per source piece.
 
     Returns:
-        The upgraded rows (embeddings (rows, d_new) float32, ids, labels and side-info as stored, ``uncertainty``
-        (rows,) float32 iff the last step outputs one), and the seconds it took.
+        Read-only views of the source shards' Arrow buffers (embeddings (n, d) float32 of ``job.steps[0].source``,
+        ids, labels, side-info as stored), in row order.
 
     Raises:
         EmbeddingSetError: a source shard is unreadable or fails its checksum/row check.
-        UpgradeError: the source stores NaN/inf, or a step outputs NaN/inf (step and first bad item_id named).
+        UpgradeError: the source stores NaN/inf (first bad item_id named).
     """
-    started, steps, parts = time.perf_counter(), list(job.steps), []
-    last = models[-1]
+    pieces = []
     for piece in plan.pieces:
         rows = table_batch(read_shard(piece.path, piece.shard).slice(piece.start, piece.stop - piece.start),
-                           job.source, copy=False)  # views of the shard's Arrow buffers
+                           job.source, copy=False)
         check_stored_finite(rows, Path(job.source_path))
-        upgraded = np.empty((len(rows), last.output_dim), dtype=np.float32)
-        sigma = np.empty(len(rows), dtype=np.float32) if last.has_uncertainty else None
-        for start in range(0, len(rows), job.batch_rows):
-            part = slice(start, start + job.batch_rows)
-            side = None if rows.side_info is None else rows.side_info[part]
-            upgraded[part], part_sigma = apply_chain(models, steps, rows.embeddings[part], side, ids=rows.ids[part])
-            if sigma is not None:
-                sigma[part] = part_sigma
-        parts.append(EmbeddingBatch(rows.ids, rows.labels, upgraded, rows.side_info, model=steps[-1].target,
-                                    uncertainty=sigma))
-    shard = parts[0] if len(parts) == 1 else concat_batches(parts)
+        pieces.append(rows)
+    return pieces
+
+
+def run_chain(job: ShardJob, pieces: Sequence[EmbeddingBatch], models: Sequence[OnnxModel],
+              map_batches: Callable[[Callable[[int], None], range], Iterable[None]] = map) -> EmbeddingBatch:
+    """Run one shard's rows (from :func:`read_plan`) through the chain, ``job.batch_rows`` rows per ONNX Runtime
+    call, into one preallocated output (no concatenation of batches).
+
+    Args:
+        map_batches: Runs a function over the batch indexes, like the built-in ``map`` (the default: one after
+            another) or a thread pool's ``map`` (batches side by side; each writes its own rows of the output).
+
+    Returns:
+        The upgraded rows (embeddings (rows, d_new) float32, ids, labels and side-info as read, ``uncertainty``
+        (rows,) float32 iff the last step outputs one).
+
+    Raises:
+        UpgradeError: a step outputs NaN/inf (step and first bad item_id of the first failing batch named).
+    """
+    steps, last = list(job.steps), models[-1]
+    offsets = np.cumsum([0, *(len(piece) for piece in pieces)])
+    upgraded = np.empty((offsets[-1], last.output_dim), dtype=np.float32)
+    sigma = np.empty(offsets[-1], dtype=np.float32) if last.has_uncertainty else None
+    batches = [(k, start) for k, piece in enumerate(pieces) for start in range(0, len(piece), job.batch_rows)]
+
+    def run_batch(index: int) -> None:  # batches never span two pieces: the same bytes however the pieces fall
+        k, start = batches[index]
+        rows, part = pieces[k], slice(start, start + job.batch_rows)
+        out = slice(offsets[k] + start, offsets[k] + min(start + job.batch_rows, len(rows)))
+        side = None if rows.side_info is None else rows.side_info[part]
+        upgraded[out], part_sigma = apply_chain(models, steps, rows.embeddings[part], side, ids=rows.ids[part])
+        if sigma is not None:
+            sigma[out] = part_sigma
+
+    for _ in map_batches(run_batch, range(len(batches))):
+        pass
+    rows = pieces[0] if len(pieces) == 1 else concat_batches(pieces)
+    return EmbeddingBatch(rows.ids, rows.labels, upgraded, rows.side_info, model=steps[-1].target,
+                          uncertainty=sigma)
+
+
+def compute_shard(job: ShardJob, plan: ShardPlan, models: Sequence[OnnxModel]) -> tuple[EmbeddingBatch, float]:
+    """:func:`read_plan`, then :func:`run_chain` one batch after another; returns the upgraded rows and the seconds
+    it took. Raises as those two."""
+    started = time.perf_counter()
+    shard = run_chain(job, read_plan(job, plan), models)
     return shard, time.perf_counter() - started
 
 

@@ -72,9 +72,10 @@ class _HashingFile(io.RawIOBase):
     """A write-only binary file that feeds every byte written through it to ``hasher`` on its way to ``file``.
 
     Parquet is encoded straight into the shard's file through it, page by page, instead of into one buffer of the
-    whole shard that is then hashed and written: that buffer grows by doubling to ~128 MB per 65,536-row shard, and
-    fresh memory is what a VM charges most for (on this project's 2-core VM the local upgrade engine ran at 0.64 of
-    ONNX Runtime's rate with the buffer and 0.80 without it, side by side; issue 13).
+    whole shard that is then hashed and written. That buffer (~70 MB per 65,536-row shard of 128-d vectors with
+    128-d side-info, grown as it fills) is fresh memory for every shard, and fresh memory is what a VM charges most
+    for in system time: the local upgrade engine's rate rose by a quarter without it (README, "The local upgrade
+    loop").
     """
 
     def __init__(self, file: io.BufferedWriter, hasher: Hasher) -> None:
