@@ -17,8 +17,8 @@ from pathlib import Path
 
 import common
 
-BENCHMARKS = ("upgrade_throughput", "upgrade_phases", "upgrade_local_loop", "upgrade_memory", "upgrade_cluster",
-              "serving_latency", "store_stress")
+BENCHMARKS = ("upgrade_throughput", "upgrade_phases", "fresh_memory", "upgrade_local_loop", "upgrade_memory",
+              "upgrade_cluster", "serving_latency", "store_stress")
 HERE = Path(__file__).resolve().parent
 
 

@@ -106,16 +106,21 @@ def main() -> None:
                     **{f"local, {n} threads": local(n) for n in (1, 2, 3)},
                     f"local, {DEFAULT_THREADS} threads, whole-shard buffer (before)": local_buffered()}
         times: dict[str, list[float]] = {name: [] for name in variants}
+        cpu: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}  # (user, system) seconds
         for _ in range(repeats):
             for name, run in variants.items():
                 settle()
-                started = time.perf_counter()
+                started, before = time.perf_counter(), os.times()
                 run()
                 times[name].append(time.perf_counter() - started)
+                after = os.times()
+                cpu[name].append((after.user - before.user, after.system - before.system))
     best_ort = min(times["ort_loop"])
     table = [{"variant": name, "rows/s": rows / min(t), "ratio to ort_loop": best_ort / min(t),
               "rows/s (median repeat)": rows / statistics.median(t),
               "ratio (median of repeats)": statistics.median(o / x for o, x in zip(times["ort_loop"], t, strict=True)),
+              "CPU µs/row, user (median)": 1e6 * statistics.median(u for u, _ in cpu[name]) / rows,
+              "CPU µs/row, system (median)": 1e6 * statistics.median(k for _, k in cpu[name]) / rows,
               "seconds (each repeat)": ", ".join(f"{x:.2f}" for x in t)} for name, t in times.items()]
     by_name = {row["variant"]: row for row in table}
     default = by_name[f"local, {DEFAULT_THREADS} threads"]
@@ -127,10 +132,12 @@ def main() -> None:
                 f"best local variant ({best['variant']}) / ort_loop": round(best["ratio to ort_loop"], 2)}
     common.write_results(
         "upgrade_local_loop", args.quick, "The local upgrade loop against the ONNX Runtime loop, side by side", host,
-        params, {"times": times}, headline, [("Variants (best of repeats)", table)],
+        params, {"times": times, "cpu_user_system": cpu}, headline, [("Variants (best of repeats)", table)],
         notes=["All variants run on the same set and chain; each repeat runs every variant once, in turn.",
                "ort_loop reads nothing and writes nothing: the set's batches are in memory before it starts.",
                "Before every variant, untimed: the last engine output removed, os.sync().",
+               "CPU: user and system time of this process (all its threads) per row; 2 cores give at most 2 s of "
+               "CPU per second.",
                "Shards store vectors as fixed_size_binary little-endian float32 (fct_registry.vectors.vector_column).",
                "Other jobs running on the machine skew every figure; see load_avg_1m_at_start."])
 

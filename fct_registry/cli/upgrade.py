@@ -50,9 +50,9 @@ def upgrade(
     address: Annotated[str | None, typer.Option(help="Ray cluster address (--engine ray); default: a local "
                                                      "Ray.")] = None,
     batch_rows: Annotated[int, typer.Option(min=1, help="Rows per batch through ONNX Runtime.")] = usecase.BATCH_ROWS,
-    workers: Annotated[int | None, typer.Option(min=1, help="Shards upgraded at once: threads (local engine, "
-                                                            "default 2) or Ray tasks (default: as many as the "
-                                                            "cluster's CPUs allow).")] = None,
+    workers: Annotated[int | None, typer.Option(min=1, help="Compute threads that split each shard's "
+                                                            "batches (local engine, default 2) or Ray tasks at once "
+                                                            "(default: as many as the cluster's CPUs allow).")] = None,
     worker_cpus: Annotated[float | None, typer.Option(help="CPUs per Ray task (--engine ray; default 1, fractions "
                                                            "allowed).")] = None,
     worker_memory_mib: Annotated[int | None, typer.Option(min=1, help="Memory per Ray task in MiB, reserved from the "

@@ -90,8 +90,8 @@ def upgrade_set(source: EmbeddingSet | str | os.PathLike[str], steps: Sequence[C
         progress: Optional ``progress(rows_done, rows_total)`` callback, called after each shard is written.
         overwrite: Replace an existing set at ``dest_path`` (swapped out only once the new one is complete).
         address: Ray engine only: cluster address; None starts a local Ray (2 CPUs) unless one is running.
-        workers: Shards upgraded at once: threads of this process (local; default 2) or Ray tasks (ray; default:
-            as many as the cluster's resources allow).
+        workers: Compute threads of this process splitting each shard's batches (local; default 2) or Ray tasks at
+            once (ray; default: as many as the cluster's resources allow).
         worker_cpus: Ray engine only: CPUs each task asks for (default 1; fractions allowed).
         worker_memory: Ray engine only: bytes of memory each task asks for (default: no reservation).
         models: The sessions returned by :func:`check_upgrade` for this source, chain and destination; None

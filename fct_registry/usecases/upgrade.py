@@ -128,8 +128,8 @@ def run_upgrade(registry: ModelRegistry, source: EmbeddingSet, target: Registere
         dry_run: Plan and validate only; nothing is written or recorded.
         batch_rows: Rows per batch fed to ONNX Runtime.
         on_plan: Optional callback given the validated steps before any row is processed (e.g. to print them).
-        workers: Shards upgraded at once: threads (local, default 2) or Ray tasks (default: as many as the
-            cluster's resources allow).
+        workers: Compute threads splitting each shard's batches (local, default 2) or Ray tasks at once (default:
+            as many as the cluster's resources allow).
         worker_cpus: Ray engine only: CPUs per task (default 1).
         worker_memory: Ray engine only: bytes of memory per task (default: no reservation).
 
