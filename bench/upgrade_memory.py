@@ -102,8 +102,8 @@ def main() -> None:
         notes=["Each upgrade runs in a fresh subprocess; peak_rss_mib is its lifetime peak RSS (VmHWM), "
                "rss_before_upgrade_mib its RSS after imports, growth_mib the difference.",
                "Sets are synthetic (standard normal) and written under the workdir, then deleted.",
-               "Each engine thread holds one shard (shard_rows) in memory: a set of fewer shards than threads "
-               "peaks lower; judge flatness on sizes of several shards.",
+               "The local engine holds at most 6 shards (shard_rows each) in memory: 2 read ahead, 1 computed, 3 at "
+               "the writer; a set of fewer shards peaks lower: judge flatness on sizes of several shards.",
                "disk_gib: approximate size of the source and upgraded sets together."])
 
 
