@@ -8,12 +8,14 @@ runs, so a smoke run is never mistaken for a measurement).
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
 import platform
 import shlex
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime, timezone
@@ -43,6 +45,23 @@ HIDDEN_DIM = 512
 """params.yaml ``transformation.hidden_dim``."""
 SHARD_ROWS = 65536
 """Rows per Parquet shard (``upgrade_set`` feeds ONNX Runtime smaller batches: ``engines.shards.BATCH_ROWS``)."""
+
+
+def arguments(doc: str, quick: str, workdir: str = "where sets are written") -> argparse.ArgumentParser:
+    """A benchmark's command line: described by the first line of its module docstring ``doc``, with ``--quick``
+    (help ``quick``) and ``--workdir`` (default: the temp dir); the benchmark adds its own options."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help=quick)
+    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()), help=workdir)
+    return parser
+
+
+def fsync_write(path: Path, data: bytes | memoryview) -> None:
+    """Write ``data`` to ``path`` (truncating it) and fsync it, as the set writer does."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def machine() -> dict[str, Any]:

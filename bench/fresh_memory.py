@@ -14,7 +14,6 @@ Usage: ``python bench/fresh_memory.py [--quick] [--repeats N] [--workdir /tmp]``
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import tempfile
@@ -41,19 +40,9 @@ def measure(repeats: int, fn: Callable[[int], object]) -> dict[str, float]:
             "system µs per KiB": 1e6 * statistics.median(system) / (SIZE / 1024)}
 
 
-def write_fsync(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` (truncating it) and fsync, as the set writer does."""
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="3 repeats: a smoke test")
+    parser = common.arguments(__doc__, "3 repeats: a smoke test", "where files are written")
     parser.add_argument("--repeats", type=int, help="repeats per measurement (default 10; quick 3)")
-    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()), help="where files are written")
     args = parser.parse_args()
     host, repeats = common.machine(), args.repeats or (3 if args.quick else 10)
     data = np.random.default_rng(0).bytes(SIZE)
@@ -61,8 +50,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="fct-bench-", dir=args.workdir) as tmp:
         work = Path(tmp)
         rows = {
-            "write + fsync, new file": measure(repeats, lambda i: write_fsync(work / f"new-{i}", data)),
-            "write + fsync, same file rewritten": measure(repeats, lambda i: write_fsync(work / "same", data)),
+            "write + fsync, new file": measure(repeats, lambda i: common.fsync_write(work / f"new-{i}", data)),
+            "write + fsync, same file rewritten": measure(repeats, lambda i: common.fsync_write(work / "same", data)),
             "fill a new array": measure(repeats, lambda i: np.empty(SIZE // 4, dtype=np.float32).fill(i)),
             "fill a reused array": measure(repeats, lambda i: reused.fill(i)),
         }

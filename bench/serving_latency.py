@@ -127,9 +127,7 @@ def serve_and_load(root: Path, params: ServingParams, senders: dict, args, profi
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a 20,000-item gallery, few requests: a smoke test")
-    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()), help="where the project goes")
+    parser = common.arguments(__doc__, "a 20,000-item gallery, few requests: a smoke test", "where the project goes")
     parser.add_argument("--sizes", type=int, nargs="+", help="gallery sizes (default 1e5 1e6 1e7)")
     parser.add_argument("--profile", action="store_true", help="py-spy the server during the 1e6 ivf run")
     parser.add_argument("--serve", nargs=3, metavar=("ROOT", "PORT", "PARAMS"), help=argparse.SUPPRESS)

@@ -26,7 +26,6 @@ Usage: ``python bench/upgrade_cluster.py [--quick] [--rows N] [--nodes N] [--wor
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import shutil
@@ -124,11 +123,9 @@ def ray_data_stream(source: EmbeddingSet, steps, dest: Path, actors: int, batch_
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a small set: a smoke test")
+    parser = common.arguments(__doc__, "a small set: a smoke test")
     parser.add_argument("--rows", type=int, help="rows of the set (default 1,000,000; quick 131,072)")
     parser.add_argument("--nodes", type=int, default=2, help="Ray nodes, 1 CPU each (default 2)")
-    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()), help="where sets are written")
     args = parser.parse_args()
     os.environ.update(DRIVER_ENV)  # before Ray is first loaded in this process
     signal.signal(signal.SIGTERM, lambda *_: sys.exit("terminated"))  # so that the cluster is stopped on the way out

@@ -25,7 +25,6 @@ Usage: ``python bench/upgrade_local_loop.py [--quick] [--rows N] [--repeats N] [
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import statistics
@@ -51,20 +50,15 @@ def buffered_write_shard(folder: str, file: str, batch: EmbeddingBatch) -> Shard
     digest = new_hasher("blake3")
     digest.update(data)
     tmp = Path(folder) / f".{file}.{os.getpid()}-buffered.tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    common.fsync_write(tmp, data)
     os.replace(tmp, Path(folder) / file)
     return ShardInfo(file=file, rows=len(batch), blake3=digest.hexdigest())
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a small set, one repeat: a smoke test")
+    parser = common.arguments(__doc__, "a small set, one repeat: a smoke test")
     parser.add_argument("--rows", type=int, help="rows of the set (default 1,000,000; quick 131,072)")
     parser.add_argument("--repeats", type=int, help="repeats of every variant (default 3; quick 1)")
-    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()), help="where sets are written")
     args = parser.parse_args()
     host = common.machine()
     rows = args.rows or (2 * common.SHARD_ROWS if args.quick else 1_000_000)

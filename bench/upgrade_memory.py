@@ -69,10 +69,8 @@ def measure(work: Path, rows: int, steps_json: Path) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke test (seconds)")
+    parser = common.arguments(__doc__, "small sizes: a smoke test (seconds)")
     parser.add_argument("--sizes", type=int, nargs="+", help="rows per set (default 1e5 1e6 1e7; quick 1e5 3e5)")
-    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()), help="where sets are written")
     parser.add_argument("--child", nargs=3, metavar=("SOURCE", "DEST", "STEPS_JSON"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:

@@ -11,8 +11,6 @@ Usage: ``python bench/upgrade_phases.py [--quick] [--repeats N] [--workdir /tmp]
 
 from __future__ import annotations
 
-import argparse
-import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -41,14 +39,6 @@ def timed(repeats: int, fn: Callable[[], object]) -> tuple[float, float, object]
     return wall * 1e3, cpu * 1e3, out
 
 
-def fsync_write(path: Path, data: pa.Buffer) -> None:
-    """Write ``data`` to ``path`` and fsync it, as the set writer does."""
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def as_lists(table: pa.Table, widths: dict[str, int]) -> pa.Table:
     """The same table with its vector columns as ``fixed_size_list<float32>`` (the format before issue 13)."""
     for name, width in widths.items():
@@ -59,10 +49,8 @@ def as_lists(table: pa.Table, widths: dict[str, int]) -> pa.Table:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repeats: a smoke test")
+    parser = common.arguments(__doc__, "fewer repeats: a smoke test", "where the shard is written")
     parser.add_argument("--repeats", type=int, help="repeats per phase (default 5; quick 1)")
-    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()), help="where the shard is written")
     args = parser.parse_args()
     host, repeats, rows = common.machine(), args.repeats or (1 if args.quick else 5), common.SHARD_ROWS
     with tempfile.TemporaryDirectory(prefix="fct-bench-", dir=args.workdir) as tmp:
@@ -111,7 +99,7 @@ def main() -> None:
         phase("Parquet encode", "before", lambda: pq.write_table(old_out, pa.BufferOutputStream(), **PARQUET_OPTIONS))
         for fmt, checksum in (("since issue 13", "blake3"), ("before", "sha256")):
             phase("checksum of the output shard", fmt, lambda c=checksum: new_hasher(c).update(encoded))
-        phase("write + fsync", "both", lambda: fsync_write(work / "out.parquet", encoded))
+        phase("write + fsync", "both", lambda: common.fsync_write(work / "out.parquet", encoded))
     table_rows = [{"phase": name, "format": fmt, "wall ms": round(wall, 1), "CPU ms": round(cpu, 1),
                    "CPU µs per row": round(cpu * 1e3 / rows, 2)} for name, fmt, wall, cpu in phases]
     per_format = {fmt: sum(cpu for name, f, _, cpu in phases if f in (fmt, "both") and "ONNX Runtime" not in name)

@@ -33,11 +33,9 @@ Usage: ``python bench/upgrade_throughput.py [--quick] [--workdir /tmp]``
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -179,16 +177,9 @@ def stages(source: Path, steps, models) -> dict[str, float]:
         timed("writer checks", check_batch, result, result, False)
         data = timed("Parquet encode", shard_bytes, result)
         timed("sha256 of the output shard", lambda d=data: hashlib.sha256(d).hexdigest())
-        timed("write + fsync", lambda d=data, f=shard.file: write_shard_file(out / f, d))
+        timed("write + fsync", lambda d=data, f=shard.file: common.fsync_write(out / f, d))
     shutil.rmtree(out)
     return spent
-
-
-def write_shard_file(path: Path, data) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def measure_size(work: Path, rows: int, steps, modules, repeats: int, with_stages: bool) -> list[dict]:
@@ -230,9 +221,7 @@ def measure_size(work: Path, rows: int, steps, modules, repeats: int, with_stage
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes, one repeat: a smoke test (seconds)")
-    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()), help="where sets are written")
+    parser = common.arguments(__doc__, "small sizes, one repeat: a smoke test (seconds)")
     args = parser.parse_args()
     host = common.machine()
     sizes = [20_000] if args.quick else [100_000, 1_000_000]

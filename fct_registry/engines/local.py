@@ -1,6 +1,6 @@
 """The local upgrade engine: output shards upgraded in this process by a pipeline of threads, I/O beside compute.
 
-Three stages run side by side on consecutive shards: a reader thread reads and verifies the next shard
+Three stages run side by side on consecutive shards: a reader thread reads and verifies the next 2 shards
 (:func:`~fct_registry.engines.shards.read_plan`); ``threads`` compute threads run the current shard's batches
 between them (:func:`~fct_registry.engines.shards.run_chain` over a thread pool), so every compute thread stays busy
 to the last batch of the last shard, however many shards there are; a writer thread encodes, hashes, writes and
@@ -58,8 +58,8 @@ def upgrade_shards_local(job: ShardJob, plans: Sequence[ShardPlan], threads: int
         One result per plan, in plan order.
 
     Raises:
-        EmbeddingSetError, UpgradeError: the first failing shard's error (see ``upgrade_shard``); shards not yet
-            read are not, and the threads finish what they run before it is raised.
+        EmbeddingSetError, UpgradeError: the first failing shard's error (see ``upgrade_shard``); the shards after
+            it are not computed, and the threads finish what they are running before it is raised.
         RuntimeInputError: an ONNX file of the chain no longer loads.
     """
     models = load_sessions(job)

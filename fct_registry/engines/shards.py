@@ -1,7 +1,7 @@
 """One output shard of an upgrade: the unit of work every engine runs, in a thread or in a worker on any node.
 
 The driver plans (:func:`plan_shards`: which source rows make output shard k); a worker runs :func:`upgrade_shard`:
-it reads those rows while verifying their source shards' sha256s, streams them through the chain of forward
+it reads those rows while verifying their source shards' checksums, streams them through the chain of forward
 transformations (FCT: Ramanujan et al., CVPR 2022, arXiv 2112.02805, Sec. 3) in batches, checks the output and
 writes the shard itself into the destination set's temp dir (temp name + rename,
 :func:`~fct_registry.vectors.set_writer.write_shard`). Only the shard's manifest entry travels back. The same plan

@@ -123,14 +123,18 @@ def test_bad_chain_is_refused_and_nothing_is_written(h, tmp_path, case):
     assert digests(source.path) == before
 
 
-def test_nan_output_is_refused_and_nothing_is_written(h, tmp_path):
+@pytest.mark.parametrize("workers", [1, 3])
+def test_nan_output_is_refused_and_nothing_is_written(h, tmp_path, workers):
+    """Rows 7 and 70 poisoned, in batches 0 and 1 of 64 rows: however many threads run the batches, the error
+    names the first bad item of the first failing batch."""
     source = make_set(tmp_path / "v1", side=False)
     batch = source.read()
-    batch.embeddings[7, 2] = 20.0  # log(100 - 400) = NaN
+    batch.embeddings[[7, 70], 2] = 20.0  # log(100 - 400) = NaN
     poisoned = write_embedding_set(tmp_path / "poisoned", with_model(batch, V1), model=V1)
     with pytest.raises(UpgradeError, match=rf"step 1 \(fct-transformation/nan\) produced NaN/inf for item_id "
                                            rf"{batch.ids[7]} \(1 rows in this batch\)"):
-        upgrade_set(poisoned.path, [step(h, "nan", V1, V2, side=None)], tmp_path / "out", batch_rows=64)
+        upgrade_set(poisoned.path, [step(h, "nan", V1, V2, side=None)], tmp_path / "out", batch_rows=64,
+                    workers=workers)
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 
 
